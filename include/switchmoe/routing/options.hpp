@@ -1,0 +1,95 @@
+#pragma once
+// Routing configuration and the routing result that the router, dispatch and losses exchange.
+
+#include <cmath>
+
+#include "switchmoe/core/types.hpp"
+
+namespace switchmoe {
+
+/// Who wins an overflowing expert's slots (SEMANTICS 7).
+enum class Priority {
+  kTokenOrder,         // slots fill in token order within the group (the original)
+  kRouterProbability,  // tokens visited by descending top-1 probability (batch prioritized)
+};
+
+inline const char* to_string(Priority p) {
+  return p == Priority::kTokenOrder ? "kTokenOrder" : "kRouterProbability";
+}
+
+struct RoutingOptions {
+  int num_experts = 0;
+  int top_k = 1;                       // 1 is Switch routing
+  double capacity_factor = 1.25;       // Mode::kTrain
+  double eval_capacity_factor = 2.0;   // Mode::kEval
+  int expert_capacity = 0;             // > 0: fixed capacity, overrides the factors
+  int min_capacity = 4;
+  int group_size = 0;                  // 0: all tokens of the call are one group
+  Priority priority = Priority::kTokenOrder;
+  bool dropless = false;               // no capacity: nothing is dropped
+  bool renormalize = false;            // top-k gates renormalized to sum to 1 before capacity
+};
+
+/// The outcome of routing N tokens over E experts with k choices each.
+struct Routing {
+  Matrix<float> logits;  // [tokens, experts]
+  Matrix<float> probs;   // [tokens, experts] softmax of logits, float32
+  Matrix<int> expert;    // [tokens, k] chosen experts, best first, before capacity
+  Matrix<int> slot;      // [tokens, k] position in the expert's buffer of its group, -1 if dropped
+  Matrix<float> gate;    // [tokens, k] combine weight, 0 if dropped
+  float aux_loss = 0.0f;  // SEMANTICS 8, unscaled
+  float z_loss = 0.0f;    // SEMANTICS 9, unscaled
+  int capacity = 0;       // C per expert and group (dropless: the largest load of any expert)
+  int group_size = 0;     // tokens per group actually used
+
+  Eigen::Index num_tokens() const { return expert.rows(); }
+  Eigen::Index top_k() const { return expert.cols(); }
+  Eigen::Index num_groups() const { return group_size > 0 ? expert.rows() / group_size : 0; }
+};
+
+namespace detail {
+
+inline void check_capacity_factor(const char* name, double value) {
+  if (!(value > 0.0) || !std::isfinite(value)) {
+    fail("RoutingOptions::", name, " is ", value, ", expected a finite value > 0");
+  }
+}
+
+/// Validates options independent of the token count.
+inline void validate(const RoutingOptions& options) {
+  if (options.num_experts < 1) {
+    fail("RoutingOptions::num_experts is ", options.num_experts, ", expected >= 1");
+  }
+  if (options.top_k < 1 || options.top_k > options.num_experts) {
+    fail("RoutingOptions::top_k is ", options.top_k, ", expected in [1, num_experts = ",
+         options.num_experts, "]");
+  }
+  check_capacity_factor("capacity_factor", options.capacity_factor);
+  check_capacity_factor("eval_capacity_factor", options.eval_capacity_factor);
+  if (options.expert_capacity < 0) {
+    fail("RoutingOptions::expert_capacity is ", options.expert_capacity,
+         ", expected >= 0 (0 derives it from the capacity factor)");
+  }
+  if (options.min_capacity < 0) {
+    fail("RoutingOptions::min_capacity is ", options.min_capacity, ", expected >= 0");
+  }
+  if (options.group_size < 0) {
+    fail("RoutingOptions::group_size is ", options.group_size,
+         ", expected >= 0 (0 means one group of all tokens)");
+  }
+}
+
+/// The group size used for `tokens` tokens; throws unless it divides the token count.
+inline int resolve_group_size(Eigen::Index tokens, int group_size) {
+  if (group_size < 0) {
+    fail("group_size is ", group_size, ", expected >= 0 (0 means one group of all tokens)");
+  }
+  if (group_size == 0 || tokens == 0) return static_cast<int>(tokens);
+  if (tokens % group_size != 0) {
+    fail("group_size is ", group_size, ", expected a divisor of the token count ", tokens);
+  }
+  return group_size;
+}
+
+}  // namespace detail
+}  // namespace switchmoe

@@ -1,0 +1,176 @@
+#pragma once
+// Routing (SEMANTICS 2, 4-9): softmax over experts, top-k choice, capacity and priority per
+// group, the auxiliary losses; and the gradient of all of it with respect to the logits
+// (SEMANTICS 10).
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "switchmoe/losses/load_balancing.hpp"
+#include "switchmoe/losses/z_loss.hpp"
+#include "switchmoe/routing/capacity.hpp"
+#include "switchmoe/routing/options.hpp"
+
+namespace switchmoe {
+namespace detail {
+
+/// Row-wise softmax in float32, [tokens, experts].
+inline Matrix<float> softmax(const Eigen::Ref<const Matrix<float>>& logits) {
+  Matrix<float> probs(logits.rows(), logits.cols());
+  for (Eigen::Index t = 0; t < logits.rows(); ++t) {
+    const float max = logits.row(t).maxCoeff();
+    float sum = 0.0f;
+    for (Eigen::Index e = 0; e < logits.cols(); ++e) {
+      probs(t, e) = std::exp(logits(t, e) - max);
+      sum += probs(t, e);
+    }
+    probs.row(t) /= sum;
+  }
+  return probs;
+}
+
+/// Top-k experts of every token by probability, best first; ties go to the lower index.
+inline Matrix<int> top_k_experts(const Matrix<float>& probs, int k) {
+  Matrix<int> expert(probs.rows(), k);
+  std::vector<char> taken(static_cast<std::size_t>(probs.cols()));
+  for (Eigen::Index t = 0; t < probs.rows(); ++t) {
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int c = 0; c < k; ++c) {
+      Eigen::Index best = -1;
+      for (Eigen::Index e = 0; e < probs.cols(); ++e) {
+        if (!taken[e] && (best < 0 || probs(t, e) > probs(t, best))) best = e;
+      }
+      taken[best] = 1;
+      expert(t, c) = static_cast<int>(best);
+    }
+  }
+  return expert;
+}
+
+/// The order in which a group's tokens claim slots (SEMANTICS 7), as offsets within the group.
+inline std::vector<int> priority_order(const Routing& routing, Eigen::Index first, int group_size,
+                                       Priority priority) {
+  std::vector<int> order(static_cast<std::size_t>(group_size));
+  std::iota(order.begin(), order.end(), 0);
+  if (priority == Priority::kRouterProbability) {
+    auto top1 = [&](int i) {
+      const Eigen::Index t = first + i;
+      return routing.probs(t, routing.expert(t, 0));
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return top1(a) > top1(b); });
+  }
+  return order;
+}
+
+/// Fills slot and zeroes the gates of dropped choices. Within a group every first choice is
+/// placed before any second choice, each pass in priority order; a choice that finds its
+/// expert full is dropped.
+inline void assign_slots(Routing& routing, const RoutingOptions& options, Mode mode) {
+  const Eigen::Index tokens = routing.expert.rows();
+  const int k = static_cast<int>(routing.expert.cols());
+  const int g = routing.group_size;
+  const int capacity = expert_capacity(g, options, mode);
+  routing.slot.resize(tokens, k);
+  routing.capacity = options.dropless ? 0 : capacity;
+  std::vector<int> load(static_cast<std::size_t>(options.num_experts));
+  for (Eigen::Index first = 0; first < tokens; first += g) {
+    std::fill(load.begin(), load.end(), 0);
+    const std::vector<int> order = priority_order(routing, first, g, options.priority);
+    for (int c = 0; c < k; ++c) {
+      for (int i : order) {
+        const Eigen::Index t = first + i;
+        int& used = load[routing.expert(t, c)];
+        if (options.dropless || used < capacity) {
+          routing.slot(t, c) = used++;
+        } else {
+          routing.slot(t, c) = -1;
+          routing.gate(t, c) = 0.0f;
+        }
+      }
+    }
+    if (options.dropless) {
+      routing.capacity = std::max(routing.capacity, *std::max_element(load.begin(), load.end()));
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Routes tokens given router logits [tokens, experts]. Zero tokens give empty results.
+inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
+                     Mode mode) {
+  detail::validate(options);
+  if (logits.cols() != options.num_experts) {
+    detail::fail("logits has ", logits.cols(), " columns, expected num_experts = ",
+                 options.num_experts);
+  }
+  detail::check_finite("logits", logits);
+  Routing routing;
+  routing.group_size = detail::resolve_group_size(logits.rows(), options.group_size);
+  routing.logits = logits;
+  routing.probs = detail::softmax(logits);
+  routing.expert = detail::top_k_experts(routing.probs, options.top_k);
+  routing.gate.resize(logits.rows(), options.top_k);
+  for (Eigen::Index t = 0; t < logits.rows(); ++t) {
+    float chosen = 0.0f;
+    for (int c = 0; c < options.top_k; ++c) {
+      routing.gate(t, c) = routing.probs(t, routing.expert(t, c));
+      chosen += routing.gate(t, c);
+    }
+    if (options.renormalize) routing.gate.row(t) /= chosen;
+  }
+  if (logits.rows() == 0) {
+    routing.slot.resize(0, options.top_k);
+    routing.capacity = expert_capacity(0, options, mode);
+    return routing;
+  }
+  detail::assign_slots(routing, options, mode);
+  routing.aux_loss = load_balancing_loss(routing.probs, routing.expert, routing.group_size);
+  routing.z_loss = router_z_loss(logits);
+  return routing;
+}
+
+/// Gradient with respect to the logits of
+///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss.
+/// Dropped choices have a constant gate of 0 and pass nothing back (SEMANTICS 10).
+/// `dgate` is [tokens, k]; returns [tokens, experts].
+inline Matrix<float> route_backward(const Routing& routing, const Eigen::Ref<const Matrix<float>>& dgate,
+                                    const RoutingOptions& options, float aux_coef, float z_coef) {
+  detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
+  const Eigen::Index tokens = routing.probs.rows();
+  const Eigen::Index experts = routing.probs.cols();
+  Matrix<float> dprobs = Matrix<float>::Zero(tokens, experts);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    float chosen = 0.0f;  // S = sum of the k chosen probabilities (renormalized gate = p / S)
+    for (Eigen::Index c = 0; c < routing.expert.cols(); ++c) chosen += routing.probs(t, routing.expert(t, c));
+    for (Eigen::Index c = 0; c < routing.expert.cols(); ++c) {
+      if (routing.slot(t, c) < 0) continue;
+      const int e = routing.expert(t, c);
+      if (!options.renormalize) {
+        dprobs(t, e) += dgate(t, c);
+        continue;
+      }
+      // d(p_c / S)/d p_j = [c == j] / S - p_c / S^2 for every chosen j.
+      const float gate = routing.probs(t, e) / chosen;
+      dprobs(t, e) += dgate(t, c) / chosen;
+      for (Eigen::Index j = 0; j < routing.expert.cols(); ++j) {
+        dprobs(t, routing.expert(t, j)) -= dgate(t, c) * gate / chosen;
+      }
+    }
+  }
+  if (aux_coef != 0.0f) {
+    dprobs += aux_coef * load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size);
+  }
+  // Softmax backward: dlogit_e = p_e * (dp_e - sum_j p_j dp_j).
+  Matrix<float> dlogits(tokens, experts);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    const float dot = routing.probs.row(t).dot(dprobs.row(t));
+    dlogits.row(t) = routing.probs.row(t).array() * (dprobs.row(t).array() - dot);
+  }
+  if (z_coef != 0.0f) dlogits += z_coef * router_z_loss_grad(routing.logits);
+  return dlogits;
+}
+
+}  // namespace switchmoe

@@ -1,0 +1,131 @@
+#pragma once
+// The router (SEMANTICS 2, 3, 13): logits = float32(x) * W_r (+ b_r), with multiplicative
+// jitter on its input in training. It always computes in float32, whatever the policy.
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "switchmoe/core/init.hpp"
+#include "switchmoe/core/parameter.hpp"
+#include "switchmoe/core/precision.hpp"
+#include "switchmoe/core/random.hpp"
+#include "switchmoe/kernels/gemm.hpp"
+
+namespace switchmoe {
+
+struct RouterConfig {
+  int d_model = 0;
+  int num_experts = 0;
+  bool bias = false;
+  float jitter_eps = 0.01f;  // noise U(1 - eps, 1 + eps) on the input in training; 0: none
+  float init_scale = 0.1f;   // SEMANTICS 11
+  std::uint64_t seed = 0;
+};
+
+template <class Policy = Fp32>
+class Router {
+  static_assert(is_precision_v<Policy>,
+                "Router's first template argument must be a switchmoe precision policy.");
+  static_assert(std::is_same_v<typename Policy::RouterElement, float>,
+                "The router computes in float32 whatever the layer's precision (SEMANTICS 13).");
+
+ public:
+  using PolicyType = Policy;
+
+  explicit Router(const RouterConfig& config) : config_(config) {
+    if (config.d_model < 1) detail::fail("RouterConfig::d_model is ", config.d_model, ", expected >= 1");
+    if (config.num_experts < 1) {
+      detail::fail("RouterConfig::num_experts is ", config.num_experts, ", expected >= 1");
+    }
+    if (!(config.jitter_eps >= 0.0f && config.jitter_eps < 1.0f)) {
+      detail::fail("jitter_eps is ", config.jitter_eps, ", expected in [0, 1)");
+    }
+    weight_.resize(config.d_model, config.num_experts);
+    truncated_normal_init(weight_, config.init_scale, config.d_model, config.seed, kInitSubstream);
+    grad_weight_ = Matrix<float>::Zero(config.d_model, config.num_experts);
+    if (config.bias) {
+      bias_ = Matrix<float>::Zero(1, config.num_experts);
+      grad_bias_ = Matrix<float>::Zero(1, config.num_experts);
+    }
+  }
+
+  const RouterConfig& config() const { return config_; }
+  Matrix<float>& weight() { return weight_; }  // [d_model, experts]
+  const Matrix<float>& weight() const { return weight_; }
+  Matrix<float>& bias() { return bias_; }  // [1, experts], empty without bias
+  Matrix<float>& grad_weight() { return grad_weight_; }
+  Matrix<float>& grad_bias() { return grad_bias_; }
+
+  /// logits [tokens, experts] for x [tokens, d_model]. In Mode::kTrain the input is jittered
+  /// (a fresh draw per call, from the seed) and cached for backward.
+  Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
+    detail::check_shape("x", x, -1, config_.d_model);
+    const bool jitter = mode == Mode::kTrain && config_.jitter_eps > 0.0f;
+    input_ = x;  // [tokens, d_model]
+    noise_.resize(0, 0);
+    if (jitter) {
+      noise_ = jitter_noise(x.rows(), calls_++);
+      input_.array() *= noise_.array();
+    }
+    Matrix<float> logits(x.rows(), config_.num_experts);  // [tokens, experts]
+    kernels::gemm<float>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model,
+                          input_.data(), config_.d_model, kernels::Transpose::kNo, weight_.data(),
+                          config_.num_experts, kernels::Transpose::kNo, logits.data(),
+                          config_.num_experts, 0.0f});
+    if (config_.bias) logits.rowwise() += bias_.row(0);
+    has_forward_ = mode == Mode::kTrain;
+    return logits;
+  }
+
+  /// Accumulates dW (and db) and returns dx, for dlogits [tokens, experts] of the last
+  /// training-mode forward.
+  Matrix<float> backward(const Eigen::Ref<const Matrix<float>>& dlogits) {
+    if (!has_forward_) detail::fail("Router::backward called before a Mode::kTrain forward");
+    detail::check_shape("dlogits", dlogits, input_.rows(), config_.num_experts);
+    const Matrix<float> dl = dlogits;  // contiguous copy for the kernel
+    const int tokens = static_cast<int>(dl.rows());
+    const int d = config_.d_model, e = config_.num_experts;
+    Matrix<float> dx(tokens, d);  // [tokens, d_model]
+    kernels::gemm<float>({tokens, d, e, dl.data(), e, kernels::Transpose::kNo, weight_.data(), e,
+                          kernels::Transpose::kYes, dx.data(), d, 0.0f});
+    kernels::gemm<float>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl.data(), e,
+                          kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
+    if (config_.bias) grad_bias_ += dl.colwise().sum();
+    if (noise_.size() > 0) dx.array() *= noise_.array();  // x_jittered = x .* noise
+    return dx;
+  }
+
+  void zero_grad() {
+    grad_weight_.setZero();
+    grad_bias_.setZero();
+  }
+
+  void append_parameters(const std::string& prefix, std::vector<ParameterRef>& out) {
+    out.push_back({prefix + "weight", &weight_, &grad_weight_});
+    if (config_.bias) out.push_back({prefix + "bias", &bias_, &grad_bias_});
+  }
+
+ private:
+  static constexpr std::uint64_t kInitSubstream = 0;
+
+  /// U(1 - eps, 1 + eps) per element of the input (SEMANTICS 3), drawn from (seed, call).
+  Matrix<float> jitter_noise(Eigen::Index tokens, std::uint64_t call) const {
+    const detail::CounterRng rng(config_.seed, detail::Stream::kJitter, call);
+    Matrix<float> noise(tokens, config_.d_model);
+    const float lo = 1.0f - config_.jitter_eps, width = 2.0f * config_.jitter_eps;
+    for (Eigen::Index i = 0; i < noise.size(); ++i) {
+      noise.data()[i] = lo + width * rng.uniform(static_cast<std::uint64_t>(i));
+    }
+    return noise;
+  }
+
+  RouterConfig config_;
+  Matrix<float> weight_, bias_, grad_weight_, grad_bias_;
+  Matrix<float> input_;  // [tokens, d_model] router input of the last forward, after jitter
+  Matrix<float> noise_;  // [tokens, d_model] jitter factors of the last forward, empty if none
+  std::uint64_t calls_ = 0;
+  bool has_forward_ = false;
+};
+
+}  // namespace switchmoe
