@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "switchmoe/core/parallel.hpp"
 #include "switchmoe/routing/options.hpp"
 
 namespace switchmoe {
@@ -115,7 +116,9 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
 template <class T>
 void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan, Matrix<T>& xg) {
   xg.resize(plan.num_rows(), x.cols());
-  for (int r = 0; r < plan.num_rows(); ++r) xg.row(r) = x.row(plan.token[r]).template cast<T>();
+  detail::parallel_for(plan.num_rows(), x.cols(), [&](Eigen::Index r) {
+    xg.row(r) = x.row(plan.token[r]).template cast<T>();
+  });
 }
 
 /// y[t] = sum over kept choices c, in order: gate(t, c) * yg[row(t, c)]; 0 if all dropped.
@@ -123,12 +126,12 @@ inline void combine(const Matrix<float>& yg, const DispatchPlan& plan, const Rou
                     Matrix<float>& y) {
   const Eigen::Index tokens = routing.expert.rows();
   y.setZero(tokens, yg.cols());
-  for (Eigen::Index t = 0; t < tokens; ++t) {
+  detail::parallel_for(tokens, yg.cols() * plan.top_k, [&](Eigen::Index t) {
     for (int c = 0; c < plan.top_k; ++c) {
       const int r = plan.row[t * plan.top_k + c];
       if (r >= 0) y.row(t) += routing.gate(t, c) * yg.row(r);
     }
-  }
+  });
 }
 
 }  // namespace switchmoe

@@ -126,17 +126,22 @@ class SwitchLayer {
     // Combine backward: dyg[r] = gate * dy[t]; dgate(t, c) = dy[t] . yg[r] (kept choices only).
     Matrix<float> dyg(plan_.num_rows(), config_.d_model);  // [rows, d_model]
     Matrix<float> dgate = Matrix<float>::Zero(tokens, k);   // [tokens, k]
-    for (int r = 0; r < plan_.num_rows(); ++r) {
+    detail::parallel_for(plan_.num_rows(), 2 * config_.d_model, [&](Eigen::Index r) {
       const int t = plan_.token[r], c = plan_.choice[r];
       dyg.row(r) = routing_.gate(t, c) * dy.row(t);
       dgate(t, c) = dy.row(t).dot(yg_.row(r));
-    }
+    });
     Matrix<float> dxg;  // [rows, d_model]
     experts_.backward(xg_, plan_.offsets, dyg, dxg);
     const Matrix<float> dlogits = route_backward(routing_, dgate, config_.routing,
                                                  config_.aux_loss_coef, config_.z_loss_coef);
     Matrix<float> dx = router_.backward(dlogits);  // [tokens, d_model]
-    for (int r = 0; r < plan_.num_rows(); ++r) dx.row(plan_.token[r]) += dxg.row(r);
+    detail::parallel_for(tokens, k * config_.d_model, [&](Eigen::Index t) {
+      for (int c = 0; c < k; ++c) {  // in choice order, so the sum does not depend on threads
+        const int r = plan_.row[t * k + c];
+        if (r >= 0) dx.row(t) += dxg.row(r);
+      }
+    });
     return dx;
   }
 

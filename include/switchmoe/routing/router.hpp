@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "switchmoe/core/init.hpp"
+#include "switchmoe/core/parallel.hpp"
 #include "switchmoe/core/parameter.hpp"
 #include "switchmoe/core/precision.hpp"
 #include "switchmoe/core/random.hpp"
@@ -114,9 +115,12 @@ class Router {
     const detail::CounterRng rng(config_.seed, detail::Stream::kJitter, call);
     Matrix<float> noise(tokens, config_.d_model);
     const float lo = 1.0f - config_.jitter_eps, width = 2.0f * config_.jitter_eps;
-    for (Eigen::Index i = 0; i < noise.size(); ++i) {
-      noise.data()[i] = lo + width * rng.uniform(static_cast<std::uint64_t>(i));
-    }
+    const Eigen::Index d = config_.d_model;
+    detail::parallel_for(tokens, 8 * d, [&](Eigen::Index t) {
+      for (Eigen::Index j = 0; j < d; ++j) {
+        noise(t, j) = lo + width * rng.uniform(static_cast<std::uint64_t>(t * d + j));
+      }
+    });
     return noise;
   }
 
