@@ -262,7 +262,10 @@ class FeedForwardBank {
     if constexpr (kElementIsFloat) {
       return m;
     } else {
-      buffer = m.template cast<Element>();
+      buffer.resize(m.rows(), m.cols());
+      detail::parallel_for(m.rows(), m.cols(), [&](Eigen::Index r) {
+        buffer.row(r) = m.row(r).template cast<Element>();
+      });
       return buffer;
     }
   }

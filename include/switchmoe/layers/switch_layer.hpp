@@ -36,7 +36,10 @@ struct SwitchOutput {
   float loss = 0.0f;    // aux_loss_coef * aux_loss + z_loss_coef * z_loss, to add to the task loss
 };
 
-template <class Policy = Fp32, class Activation = Relu>
+/// Policy: precision (Fp32, Bf16). Activation: the experts' (Relu, Gelu). RouterT: produces
+/// float32 logits from the tokens (forward, backward, weight, grad_weight, append_parameters);
+/// it must use the same precision policy as the layer.
+template <class Policy = Fp32, class Activation = Relu, class RouterT = Router<Policy>>
 class SwitchLayer {
   static_assert(is_precision_v<Policy>,
                 "SwitchLayer's first template argument must be a switchmoe precision policy "
@@ -46,7 +49,7 @@ class SwitchLayer {
   using PolicyType = Policy;
   using ActivationType = Activation;
   using Experts = FeedForwardBank<Policy, Activation>;
-  using RouterType = Router<Policy>;
+  using RouterType = RouterT;
   static_assert(std::is_same_v<typename RouterType::PolicyType, typename Experts::PolicyType>,
                 "The router and the experts of a SwitchLayer disagree on the precision policy.");
 
