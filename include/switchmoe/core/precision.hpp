@@ -22,9 +22,7 @@ struct Precision {
   static_assert(std::is_same_v<Accumulator, float>,
                 "switchmoe accumulates in float32; other accumulator types are not supported.");
 
-  static constexpr const char* name() {
-    return std::is_same_v<Element, float> ? "fp32" : "bf16";
-  }
+  static constexpr const char* name() { return std::is_same_v<Element, float> ? "fp32" : "bf16"; }
 };
 
 /// Everything float32.

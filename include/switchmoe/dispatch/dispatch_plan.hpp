@@ -30,8 +30,8 @@ namespace detail {
 inline void check_routing(const Routing& routing, Eigen::Index tokens, int num_experts) {
   const Eigen::Index k = routing.expert.cols();
   if (routing.group_size < 0 || (routing.group_size > 0 && tokens % routing.group_size != 0)) {
-    fail("routing.group_size is ", routing.group_size, ", expected 0 or a divisor of the ",
-         tokens, " tokens");
+    fail("routing.group_size is ", routing.group_size, ", expected 0 or a divisor of the ", tokens,
+         " tokens");
   }
   if (routing.expert.rows() != tokens) {
     fail("routing.expert has ", routing.expert.rows(), " rows, expected ", tokens,
@@ -87,8 +87,8 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
         const int e = routing.expert(t, c);
         const int r = base[e] + slot;
         if (slot >= plan.offsets[e + 1] - base[e]) {
-          detail::fail("routing.slot(", t, ", ", c, ") is ", slot,
-                       ", expected slots of expert ", e, " in its group to be distinct and dense");
+          detail::fail("routing.slot(", t, ", ", c, ") is ", slot, ", expected slots of expert ", e,
+                       " in its group to be distinct and dense");
         }
         plan.token[r] = static_cast<int>(t);
         plan.choice[r] = c;
@@ -105,7 +105,8 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
   }
   for (std::size_t i = 0; i < plan.row.size(); ++i) {
     const int r = plan.row[i];
-    if (r >= 0 && (plan.token[r] != static_cast<int>(i) / k || plan.choice[r] != static_cast<int>(i) % k)) {
+    if (r >= 0 &&
+        (plan.token[r] != static_cast<int>(i) / k || plan.choice[r] != static_cast<int>(i) % k)) {
       detail::fail("routing.slot is inconsistent: two choices share slot ", r);
     }
   }

@@ -115,16 +115,24 @@ class FeedForwardBank {
     const int d_model = config_.d_model, d_ff = config_.d_ff;
     hidden_pre_.resize(rows, d_ff);  // [rows, d_ff] x * W_in, float32
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::GemmProblem<Element>{m, d_ff, d_model, xg.data() + first * d_model, d_model,
-                                           kernels::Transpose::kNo, w_in_data(e), d_ff,
+      return kernels::GemmProblem<Element>{m,
+                                           d_ff,
+                                           d_model,
+                                           xg.data() + first * d_model,
+                                           d_model,
                                            kernels::Transpose::kNo,
-                                           hidden_pre_.data() + first * d_ff, d_ff, 0.0f};
+                                           w_in_data(e),
+                                           d_ff,
+                                           kernels::Transpose::kNo,
+                                           hidden_pre_.data() + first * d_ff,
+                                           d_ff,
+                                           0.0f};
     });
     const bool drop = mode == Mode::kTrain && config_.dropout > 0.0f;
     const detail::CounterRng rng(config_.seed, detail::Stream::kDropout, dropout_calls_);
     if (drop) ++dropout_calls_;
     dropout_scale_.resize(drop ? rows : 0, d_ff);  // [rows, d_ff] 0 or 1 / (1 - p)
-    hidden_.resize(rows, d_ff);                     // [rows, d_ff] act(x W_in + b_in), Element
+    hidden_.resize(rows, d_ff);                    // [rows, d_ff] act(x W_in + b_in), Element
     const float keep_scale = 1.0f / (1.0f - config_.dropout);
     for_each_row(offsets, d_ff, [&](int e, Eigen::Index r) {
       float* pre = hidden_pre_.data() + r * d_ff;
@@ -145,10 +153,18 @@ class FeedForwardBank {
     });
     yg.resize(rows, d_model);
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::GemmProblem<Element>{m, d_model, d_ff, hidden_.data() + first * d_ff, d_ff,
-                                           kernels::Transpose::kNo, w_out_data(e), d_model,
-                                           kernels::Transpose::kNo, yg.data() + first * d_model,
-                                           d_model, 0.0f};
+      return kernels::GemmProblem<Element>{m,
+                                           d_model,
+                                           d_ff,
+                                           hidden_.data() + first * d_ff,
+                                           d_ff,
+                                           kernels::Transpose::kNo,
+                                           w_out_data(e),
+                                           d_model,
+                                           kernels::Transpose::kNo,
+                                           yg.data() + first * d_model,
+                                           d_model,
+                                           0.0f};
     });
     if (config_.bias) {
       for_each_row(offsets, d_model, [&](int e, Eigen::Index r) { yg.row(r) += b_out_[e].row(0); });
@@ -172,18 +188,34 @@ class FeedForwardBank {
         grad_b_out_[e] += dyg.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
-    Matrix<float> dhidden(rows, d_ff);  // [rows, d_ff] dL/dh
+    Matrix<float> dhidden(rows, d_ff);                           // [rows, d_ff] dL/dh
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dh = dy * W_out^T
-      return kernels::GemmProblem<Element>{m, d_ff, d_model, dy->data() + first * d_model, d_model,
-                                           kernels::Transpose::kNo, w_out_data(e), d_model,
-                                           kernels::Transpose::kYes, dhidden.data() + first * d_ff,
-                                           d_ff, 0.0f};
+      return kernels::GemmProblem<Element>{m,
+                                           d_ff,
+                                           d_model,
+                                           dy->data() + first * d_model,
+                                           d_model,
+                                           kernels::Transpose::kNo,
+                                           w_out_data(e),
+                                           d_model,
+                                           kernels::Transpose::kYes,
+                                           dhidden.data() + first * d_ff,
+                                           d_ff,
+                                           0.0f};
     });
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dW_out += h^T * dy
-      return kernels::GemmProblem<Element>{d_ff, d_model, m, hidden_.data() + first * d_ff, d_ff,
-                                           kernels::Transpose::kYes, dy->data() + first * d_model,
-                                           d_model, kernels::Transpose::kNo,
-                                           grad_w_out_[e].data(), d_model, 1.0f};
+      return kernels::GemmProblem<Element>{d_ff,
+                                           d_model,
+                                           m,
+                                           hidden_.data() + first * d_ff,
+                                           d_ff,
+                                           kernels::Transpose::kYes,
+                                           dy->data() + first * d_model,
+                                           d_model,
+                                           kernels::Transpose::kNo,
+                                           grad_w_out_[e].data(),
+                                           d_model,
+                                           1.0f};
     });
     for_each_row(offsets, d_ff, [&](int, Eigen::Index r) {  // through dropout and activation
       for (int j = 0; j < d_ff; ++j) {
@@ -194,22 +226,39 @@ class FeedForwardBank {
     });
     if (config_.bias) {
       for (int e = 0; e < config_.num_ffns; ++e) {
-        grad_b_in_[e] += dhidden.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
+        grad_b_in_[e] +=
+            dhidden.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
     const Matrix<Element>* dpre = &as_element(dhidden, dhidden_element_);  // [rows, d_ff]
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dW_in += x^T * dpre
-      return kernels::GemmProblem<Element>{d_model, d_ff, m, xg.data() + first * d_model, d_model,
-                                           kernels::Transpose::kYes, dpre->data() + first * d_ff,
-                                           d_ff, kernels::Transpose::kNo, grad_w_in_[e].data(),
-                                           d_ff, 1.0f};
+    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {            // dW_in += x^T * dpre
+      return kernels::GemmProblem<Element>{d_model,
+                                           d_ff,
+                                           m,
+                                           xg.data() + first * d_model,
+                                           d_model,
+                                           kernels::Transpose::kYes,
+                                           dpre->data() + first * d_ff,
+                                           d_ff,
+                                           kernels::Transpose::kNo,
+                                           grad_w_in_[e].data(),
+                                           d_ff,
+                                           1.0f};
     });
     dxg.resize(rows, d_model);
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dx = dpre * W_in^T
-      return kernels::GemmProblem<Element>{m, d_model, d_ff, dpre->data() + first * d_ff, d_ff,
-                                           kernels::Transpose::kNo, w_in_data(e), d_ff,
-                                           kernels::Transpose::kYes, dxg.data() + first * d_model,
-                                           d_model, 0.0f};
+      return kernels::GemmProblem<Element>{m,
+                                           d_model,
+                                           d_ff,
+                                           dpre->data() + first * d_ff,
+                                           d_ff,
+                                           kernels::Transpose::kNo,
+                                           w_in_data(e),
+                                           d_ff,
+                                           kernels::Transpose::kYes,
+                                           dxg.data() + first * d_model,
+                                           d_model,
+                                           0.0f};
     });
   }
 
@@ -249,12 +298,16 @@ class FeedForwardBank {
   }
 
   const Element* w_in_data(int e) const {
-    if constexpr (kElementIsFloat) return w_in_[e].data();
-    else return w_in_compute_[e].data();
+    if constexpr (kElementIsFloat)
+      return w_in_[e].data();
+    else
+      return w_in_compute_[e].data();
   }
   const Element* w_out_data(int e) const {
-    if constexpr (kElementIsFloat) return w_out_[e].data();
-    else return w_out_compute_[e].data();
+    if constexpr (kElementIsFloat)
+      return w_out_[e].data();
+    else
+      return w_out_compute_[e].data();
   }
 
   /// The Element view of a float32 activation: itself for fp32, a converted copy otherwise.

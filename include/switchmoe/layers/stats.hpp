@@ -10,12 +10,12 @@ namespace switchmoe {
 struct RoutingStats {
   std::vector<int> tokens_per_expert;       // [experts] choices routed to e, before capacity
   std::vector<int> kept_tokens_per_expert;  // [experts] choices e processed, after capacity
-  double dropped_fraction = 0.0;      // dropped choices / (tokens * k); tokens when k = 1
-  double dropped_token_fraction = 0.0;  // tokens whose every choice was dropped / tokens
-  double router_confidence = 0.0;     // mean gate of kept choices
-  double expert_usage = 0.0;          // kept choices / (experts * capacity * groups)
-  float aux_loss = 0.0f;              // unscaled, SEMANTICS 8
-  float z_loss = 0.0f;                // unscaled, SEMANTICS 9
+  double dropped_fraction = 0.0;            // dropped choices / (tokens * k); tokens when k = 1
+  double dropped_token_fraction = 0.0;      // tokens whose every choice was dropped / tokens
+  double router_confidence = 0.0;           // mean gate of kept choices
+  double expert_usage = 0.0;                // kept choices / (experts * capacity * groups)
+  float aux_loss = 0.0f;                    // unscaled, SEMANTICS 8
+  float z_loss = 0.0f;                      // unscaled, SEMANTICS 9
 };
 
 inline RoutingStats routing_stats(const Routing& routing, int num_experts) {

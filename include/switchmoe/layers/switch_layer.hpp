@@ -23,17 +23,17 @@ struct SwitchConfig {
   bool expert_bias = false;
   bool router_bias = false;
   float aux_loss_coef = 0.01f, z_loss_coef = 0.0f;  // alpha of SEMANTICS 8, SEMANTICS 9
-  float jitter_eps = 0.01f;      // SEMANTICS 3; 0 turns jitter off
-  float expert_dropout = 0.0f;   // SEMANTICS 12
-  float init_scale = 0.1f;       // SEMANTICS 11
-  std::uint64_t seed = 0;        // drives initialization, jitter and dropout
+  float jitter_eps = 0.01f;                         // SEMANTICS 3; 0 turns jitter off
+  float expert_dropout = 0.0f;                      // SEMANTICS 12
+  float init_scale = 0.1f;                          // SEMANTICS 11
+  std::uint64_t seed = 0;                           // drives initialization, jitter and dropout
 };
 
 struct SwitchOutput {
-  Matrix<float> y;      // [tokens, d_model]
+  Matrix<float> y;  // [tokens, d_model]
   Routing routing;
   RoutingStats stats;
-  float loss = 0.0f;    // aux_loss_coef * aux_loss + z_loss_coef * z_loss, to add to the task loss
+  float loss = 0.0f;  // aux_loss_coef * aux_loss + z_loss_coef * z_loss, to add to the task loss
 };
 
 /// Policy: precision (Fp32, Bf16). Activation: the experts' (Relu, Gelu). RouterT: produces
@@ -101,8 +101,8 @@ class SwitchLayer {
     out.routing = route(router_.forward(x, mode), config_.routing, mode);
     out.y = apply_experts(x, out.routing, mode);
     out.stats = routing_stats(out.routing, num_experts());
-    out.loss = config_.aux_loss_coef * out.routing.aux_loss +
-               config_.z_loss_coef * out.routing.z_loss;
+    out.loss =
+        config_.aux_loss_coef * out.routing.aux_loss + config_.z_loss_coef * out.routing.z_loss;
     if (mode == Mode::kTrain) routing_ = out.routing;
     has_forward_ = mode == Mode::kTrain;
     return out;
@@ -128,7 +128,7 @@ class SwitchLayer {
     detail::check_shape("dy", dy, tokens, config_.d_model);
     // Combine backward: dyg[r] = gate * dy[t]; dgate(t, c) = dy[t] . yg[r] (kept choices only).
     Matrix<float> dyg(plan_.num_rows(), config_.d_model);  // [rows, d_model]
-    Matrix<float> dgate = Matrix<float>::Zero(tokens, k);   // [tokens, k]
+    Matrix<float> dgate = Matrix<float>::Zero(tokens, k);  // [tokens, k]
     detail::parallel_for(plan_.num_rows(), 2 * config_.d_model, [&](Eigen::Index r) {
       const int t = plan_.token[r], c = plan_.choice[r];
       dyg.row(r) = routing_.gate(t, c) * dy.row(t);
@@ -151,7 +151,8 @@ class SwitchLayer {
  private:
   static const SwitchConfig& checked(const SwitchConfig& config) {
     detail::validate(config.routing);
-    if (config.d_model < 1) detail::fail("SwitchConfig::d_model is ", config.d_model, ", expected >= 1");
+    if (config.d_model < 1)
+      detail::fail("SwitchConfig::d_model is ", config.d_model, ", expected >= 1");
     if (config.d_ff < 1) detail::fail("SwitchConfig::d_ff is ", config.d_ff, ", expected >= 1");
     if (!(config.expert_dropout >= 0.0f && config.expert_dropout < 1.0f)) {
       detail::fail("SwitchConfig::expert_dropout is ", config.expert_dropout,

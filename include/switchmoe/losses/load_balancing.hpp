@@ -14,14 +14,12 @@ namespace detail {
 inline void check_load_balancing_inputs(const Eigen::Ref<const Matrix<float>>& probs,
                                         const Eigen::Ref<const Matrix<int>>& expert) {
   if (expert.rows() != probs.rows()) {
-    fail("expert has ", expert.rows(), " rows, expected ", probs.rows(),
-         " (one per row of probs)");
+    fail("expert has ", expert.rows(), " rows, expected ", probs.rows(), " (one per row of probs)");
   }
   for (Eigen::Index t = 0; t < expert.rows(); ++t) {
     for (Eigen::Index c = 0; c < expert.cols(); ++c) {
       if (expert(t, c) < 0 || expert(t, c) >= probs.cols()) {
-        fail("expert(", t, ", ", c, ") is ", expert(t, c), ", expected in [0, ", probs.cols(),
-             ")");
+        fail("expert(", t, ", ", c, ") is ", expert(t, c), ", expected in [0, ", probs.cols(), ")");
       }
     }
   }
@@ -46,8 +44,7 @@ inline Matrix<double> load_balancing_weights(const Eigen::Ref<const Matrix<int>>
 
 /// `probs` [tokens, experts], `expert` [tokens, k]; `group_size` 0 means one group.
 inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
-                                 const Eigen::Ref<const Matrix<int>>& expert,
-                                 int group_size = 0) {
+                                 const Eigen::Ref<const Matrix<int>>& expert, int group_size = 0) {
   detail::check_load_balancing_inputs(probs, expert);
   const int g = detail::resolve_group_size(probs.rows(), group_size);
   if (probs.rows() == 0) return 0.0f;

@@ -41,8 +41,8 @@ inline Matrix<float> router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& l
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     const double lse = detail::logsumexp(logits.row(t));
     for (Eigen::Index e = 0; e < logits.cols(); ++e) {
-      grad(t, e) =
-          static_cast<float>(2.0 * lse * std::exp(static_cast<double>(logits(t, e)) - lse) / tokens);
+      grad(t, e) = static_cast<float>(2.0 * lse *
+                                      std::exp(static_cast<double>(logits(t, e)) - lse) / tokens);
     }
   }
   return grad;

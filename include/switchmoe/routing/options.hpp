@@ -19,24 +19,24 @@ inline const char* to_string(Priority p) {
 
 struct RoutingOptions {
   int num_experts = 0;
-  int top_k = 1;                       // 1 is Switch routing
-  double capacity_factor = 1.25;       // Mode::kTrain
-  double eval_capacity_factor = 2.0;   // Mode::kEval
-  int expert_capacity = 0;             // > 0: fixed capacity, overrides the factors
+  int top_k = 1;                      // 1 is Switch routing
+  double capacity_factor = 1.25;      // Mode::kTrain
+  double eval_capacity_factor = 2.0;  // Mode::kEval
+  int expert_capacity = 0;            // > 0: fixed capacity, overrides the factors
   int min_capacity = 4;
-  int group_size = 0;                  // 0: all tokens of the call are one group
+  int group_size = 0;  // 0: all tokens of the call are one group
   Priority priority = Priority::kTokenOrder;
-  bool dropless = false;               // no capacity: nothing is dropped
-  bool renormalize = false;            // top-k gates renormalized to sum to 1 before capacity
+  bool dropless = false;     // no capacity: nothing is dropped
+  bool renormalize = false;  // top-k gates renormalized to sum to 1 before capacity
 };
 
 /// The outcome of routing N tokens over E experts with k choices each.
 struct Routing {
-  Matrix<float> logits;  // [tokens, experts]
-  Matrix<float> probs;   // [tokens, experts] softmax of logits, float32
-  Matrix<int> expert;    // [tokens, k] chosen experts, best first, before capacity
-  Matrix<int> slot;      // [tokens, k] position in the expert's buffer of its group, -1 if dropped
-  Matrix<float> gate;    // [tokens, k] combine weight, 0 if dropped
+  Matrix<float> logits;   // [tokens, experts]
+  Matrix<float> probs;    // [tokens, experts] softmax of logits, float32
+  Matrix<int> expert;     // [tokens, k] chosen experts, best first, before capacity
+  Matrix<int> slot;       // [tokens, k] position in the expert's buffer of its group, -1 if dropped
+  Matrix<float> gate;     // [tokens, k] combine weight, 0 if dropped
   float aux_loss = 0.0f;  // SEMANTICS 8, unscaled
   float z_loss = 0.0f;    // SEMANTICS 9, unscaled
   int capacity = 0;       // C per expert and group (dropless: the largest load of any expert)
@@ -61,8 +61,8 @@ inline void validate(const RoutingOptions& options) {
     fail("RoutingOptions::num_experts is ", options.num_experts, ", expected >= 1");
   }
   if (options.top_k < 1 || options.top_k > options.num_experts) {
-    fail("RoutingOptions::top_k is ", options.top_k, ", expected in [1, num_experts = ",
-         options.num_experts, "]");
+    fail("RoutingOptions::top_k is ", options.top_k,
+         ", expected in [1, num_experts = ", options.num_experts, "]");
   }
   check_capacity_factor("capacity_factor", options.capacity_factor);
   check_capacity_factor("eval_capacity_factor", options.eval_capacity_factor);

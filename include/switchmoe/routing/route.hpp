@@ -103,8 +103,8 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
                      Mode mode) {
   detail::validate(options);
   if (logits.cols() != options.num_experts) {
-    detail::fail("logits has ", logits.cols(), " columns, expected num_experts = ",
-                 options.num_experts);
+    detail::fail("logits has ", logits.cols(),
+                 " columns, expected num_experts = ", options.num_experts);
   }
   detail::check_finite("logits", logits);
   Routing routing;
@@ -136,7 +136,8 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
 ///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss.
 /// Dropped choices have a constant gate of 0 and pass nothing back (SEMANTICS 10).
 /// `dgate` is [tokens, k]; returns [tokens, experts].
-inline Matrix<float> route_backward(const Routing& routing, const Eigen::Ref<const Matrix<float>>& dgate,
+inline Matrix<float> route_backward(const Routing& routing,
+                                    const Eigen::Ref<const Matrix<float>>& dgate,
                                     const RoutingOptions& options, float aux_coef, float z_coef) {
   detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
   const Eigen::Index tokens = routing.probs.rows();
@@ -144,7 +145,8 @@ inline Matrix<float> route_backward(const Routing& routing, const Eigen::Ref<con
   Matrix<float> dprobs = Matrix<float>::Zero(tokens, experts);
   for (Eigen::Index t = 0; t < tokens; ++t) {
     float chosen = 0.0f;  // S = sum of the k chosen probabilities (renormalized gate = p / S)
-    for (Eigen::Index c = 0; c < routing.expert.cols(); ++c) chosen += routing.probs(t, routing.expert(t, c));
+    for (Eigen::Index c = 0; c < routing.expert.cols(); ++c)
+      chosen += routing.probs(t, routing.expert(t, c));
     for (Eigen::Index c = 0; c < routing.expert.cols(); ++c) {
       if (routing.slot(t, c) < 0) continue;
       const int e = routing.expert(t, c);
@@ -161,7 +163,8 @@ inline Matrix<float> route_backward(const Routing& routing, const Eigen::Ref<con
     }
   }
   if (aux_coef != 0.0f) {
-    dprobs += aux_coef * load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size);
+    dprobs +=
+        aux_coef * load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size);
   }
   // Softmax backward: dlogit_e = p_e * (dp_e - sum_j p_j dp_j).
   Matrix<float> dlogits(tokens, experts);

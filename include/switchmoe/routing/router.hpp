@@ -35,7 +35,8 @@ class Router {
   using PolicyType = Policy;
 
   explicit Router(const RouterConfig& config) : config_(config) {
-    if (config.d_model < 1) detail::fail("RouterConfig::d_model is ", config.d_model, ", expected >= 1");
+    if (config.d_model < 1)
+      detail::fail("RouterConfig::d_model is ", config.d_model, ", expected >= 1");
     if (config.num_experts < 1) {
       detail::fail("RouterConfig::num_experts is ", config.num_experts, ", expected >= 1");
     }
