@@ -22,7 +22,7 @@ struct RoutingOptions {
   int top_k = 1;                      // 1 is Switch routing
   double capacity_factor = 1.25;      // Mode::kTrain
   double eval_capacity_factor = 2.0;  // Mode::kEval
-  int expert_capacity = 0;            // > 0: fixed capacity, overrides the factors
+  int expert_capacity = 0;            // > 0: used as given (no min_capacity, no cap at T_g)
   int min_capacity = 4;
   int group_size = 0;  // 0: all tokens of the call are one group
   Priority priority = Priority::kTokenOrder;
@@ -84,7 +84,8 @@ inline int resolve_group_size(Eigen::Index tokens, int group_size) {
   if (group_size < 0) {
     fail("group_size is ", group_size, ", expected >= 0 (0 means one group of all tokens)");
   }
-  if (group_size == 0 || tokens == 0) return static_cast<int>(tokens);
+  if (group_size == 0) return static_cast<int>(tokens);
+  if (tokens == 0) return group_size;
   if (tokens % group_size != 0) {
     fail("group_size is ", group_size, ", expected a divisor of the token count ", tokens);
   }

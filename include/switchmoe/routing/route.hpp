@@ -31,16 +31,17 @@ inline Matrix<float> softmax(const Eigen::Ref<const Matrix<float>>& logits) {
   return probs;
 }
 
-/// Top-k experts of every token by probability, best first; ties go to the lower index.
-inline Matrix<int> top_k_experts(const Matrix<float>& probs, int k) {
-  Matrix<int> expert(probs.rows(), k);
-  std::vector<char> taken(static_cast<std::size_t>(probs.cols()));
-  for (Eigen::Index t = 0; t < probs.rows(); ++t) {
+/// Top-k experts of every token, best first; ties go to the lower index. Chosen on the logits,
+/// which order experts exactly as the probabilities do but cannot underflow into false ties.
+inline Matrix<int> top_k_experts(const Eigen::Ref<const Matrix<float>>& logits, int k) {
+  Matrix<int> expert(logits.rows(), k);
+  std::vector<char> taken(static_cast<std::size_t>(logits.cols()));
+  for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     std::fill(taken.begin(), taken.end(), 0);
     for (int c = 0; c < k; ++c) {
       Eigen::Index best = -1;
-      for (Eigen::Index e = 0; e < probs.cols(); ++e) {
-        if (!taken[e] && (best < 0 || probs(t, e) > probs(t, best))) best = e;
+      for (Eigen::Index e = 0; e < logits.cols(); ++e) {
+        if (!taken[e] && (best < 0 || logits(t, e) > logits(t, best))) best = e;
       }
       taken[best] = 1;
       expert(t, c) = static_cast<int>(best);
@@ -111,7 +112,7 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
   routing.group_size = detail::resolve_group_size(logits.rows(), options.group_size);
   routing.logits = logits;
   routing.probs = detail::softmax(logits);
-  routing.expert = detail::top_k_experts(routing.probs, options.top_k);
+  routing.expert = detail::top_k_experts(logits, options.top_k);
   routing.gate.resize(logits.rows(), options.top_k);
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     float chosen = 0.0f;
