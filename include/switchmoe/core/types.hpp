@@ -43,6 +43,7 @@ void check_shape(const char* name, const Eigen::DenseBase<Derived>& matrix, Eige
 
 template <class Derived>
 void check_finite(const char* name, const Eigen::DenseBase<Derived>& matrix) {
+  if (matrix.derived().allFinite()) return;
   for (Eigen::Index r = 0; r < matrix.rows(); ++r) {
     for (Eigen::Index c = 0; c < matrix.cols(); ++c) {
       if (!std::isfinite(static_cast<double>(matrix(r, c)))) {

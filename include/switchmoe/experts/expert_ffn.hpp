@@ -56,6 +56,7 @@ class FeedForwardBank {
     grad_w_in_.resize(n), grad_w_out_.resize(n), grad_b_in_.resize(n), grad_b_out_.resize(n);
     w_in_compute_.resize(n), w_out_compute_.resize(n);
     stale_.assign(n, 1);
+    exposed_.assign(n, 0);
     for (int e = 0; e < n; ++e) {
       w_in_[e].resize(config.d_model, config.d_ff);
       w_out_[e].resize(config.d_ff, config.d_model);
@@ -70,9 +71,19 @@ class FeedForwardBank {
   const FeedForwardConfig& config() const { return config_; }
   int size() const { return config_.num_ffns; }
 
-  // Non-const access marks the compute copy stale: edits take effect on the next forward.
-  Matrix<float>& w_in(int e) { return stale(check_index(e), w_in_[e]); }    // [d_model, d_ff]
-  Matrix<float>& w_out(int e) { return stale(check_index(e), w_out_[e]); }  // [d_ff, d_model]
+  /// Refreshes the compute copies from the master weights now and promises that references
+  /// handed out so far will not be written through again: later forwards reuse the copies
+  /// until the next non-const access. For inference after loading or editing weights.
+  void sync_weights() {
+    std::fill(stale_.begin(), stale_.end(), 1);
+    std::fill(exposed_.begin(), exposed_.end(), 0);
+    refresh_compute_copies();
+  }
+
+  // A non-const reference to a weight may be written through at any later time, so from then on
+  // the expert's compute copy is refreshed at every forward, until sync_weights().
+  Matrix<float>& w_in(int e) { return expose(check_index(e), w_in_[e]); }    // [d_model, d_ff]
+  Matrix<float>& w_out(int e) { return expose(check_index(e), w_out_[e]); }  // [d_ff, d_model]
   Matrix<float>& b_in(int e) { return b_in_[check_index(e)]; }    // [1, d_ff] (empty: no bias)
   Matrix<float>& b_out(int e) { return b_out_[check_index(e)]; }  // [1, d_model]
   const Matrix<float>& w_in(int e) const { return w_in_[check_index(e)]; }
@@ -95,7 +106,7 @@ class FeedForwardBank {
   void append_parameters(const std::string& prefix, bool single, std::vector<ParameterRef>& out) {
     for (int e = 0; e < config_.num_ffns; ++e) {
       const std::string p = single ? prefix : prefix + std::to_string(e) + ".";
-      stale_[e] = 1;  // the caller may write through the pointers
+      exposed_[e] = 1;  // the caller may write through the pointers at any time
       out.push_back({p + "w_in", &w_in_[e], &grad_w_in_[e]});
       if (config_.bias) out.push_back({p + "b_in", &b_in_[e], &grad_b_in_[e]});
       out.push_back({p + "w_out", &w_out_[e], &grad_w_out_[e]});
@@ -272,8 +283,8 @@ class FeedForwardBank {
     return e;
   }
 
-  Matrix<float>& stale(int e, Matrix<float>& m) {
-    stale_[e] = 1;
+  Matrix<float>& expose(int e, Matrix<float>& m) {
+    exposed_[e] = 1;
     return m;
   }
 
@@ -289,7 +300,7 @@ class FeedForwardBank {
   void refresh_compute_copies() {
     if constexpr (!kElementIsFloat) {
       for (int e = 0; e < config_.num_ffns; ++e) {
-        if (!stale_[e]) continue;
+        if (!stale_[e] && !exposed_[e]) continue;
         w_in_compute_[e] = w_in_[e].template cast<Element>();
         w_out_compute_[e] = w_out_[e].template cast<Element>();
         stale_[e] = 0;
@@ -350,7 +361,8 @@ class FeedForwardBank {
   std::vector<Matrix<float>> w_in_, w_out_, b_in_, b_out_;  // float32 masters
   std::vector<Matrix<float>> grad_w_in_, grad_w_out_, grad_b_in_, grad_b_out_;
   std::vector<Matrix<Element>> w_in_compute_, w_out_compute_;  // used when Element != float
-  std::vector<char> stale_;
+  std::vector<char> stale_;                                    // compute copy not yet made
+  std::vector<char> exposed_;    // a writable reference to the master is out: refresh every forward
   Matrix<float> hidden_pre_;     // [rows, d_ff] pre-activation of the last forward
   Matrix<Element> hidden_;       // [rows, d_ff] activation after dropout
   Matrix<float> dropout_scale_;  // [rows, d_ff] or empty

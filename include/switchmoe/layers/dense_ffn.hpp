@@ -46,10 +46,12 @@ class DenseFFN {
     return out;
   }
   void zero_grad() { ffn_.zero_grad(); }
+  void sync_weights() { ffn_.sync_weights(); }
 
   /// x [tokens, d_model] -> y [tokens, d_model].
   Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode = Mode::kEval) {
     detail::check_shape("x", x, -1, config_.d_model);
+    detail::check_finite("x", x);
     x_ = x.template cast<typename Policy::Element>();
     offsets_ = {0, static_cast<int>(x.rows())};
     Matrix<float> y;

@@ -93,10 +93,15 @@ class SwitchLayer {
     experts_.zero_grad();
   }
 
+  /// See FeedForwardBank::sync_weights: call after the last edit of the weights when only
+  /// forward calls follow, so bf16 compute copies are not rebuilt at every call.
+  void sync_weights() { experts_.sync_weights(); }
+
   /// Routes x [tokens, d_model] and applies the experts. Mode::kTrain uses the training capacity
   /// factor, jitter and expert dropout, and keeps what backward needs.
   SwitchOutput forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
     detail::check_shape("x", x, -1, config_.d_model);
+    detail::check_finite("x", x);
     SwitchOutput out;
     out.routing = route(router_.forward(x, mode), config_.routing, mode);
     out.y = apply_experts(x, out.routing, mode);
@@ -112,6 +117,8 @@ class SwitchLayer {
   /// evaluation mode). Returns y [tokens, d_model].
   Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, const Routing& routing) {
     detail::check_shape("x", x, -1, config_.d_model);
+    detail::check_finite("x", x);
+    detail::check_routing(routing, x.rows(), num_experts());
     has_forward_ = false;
     return apply_experts(x, routing, Mode::kEval);
   }

@@ -1,0 +1,67 @@
+#pragma once
+// Peak arithmetic throughput of one core, measured with independent chains in registers, so
+// that kernel benchmarks can report a fraction of the peak measured in the same run:
+//   peak_fp32_fma:  vfmadd231ps zmm (2 flops x 16 lanes per instruction)
+//   peak_bf16_dot:  vdpbf16ps zmm  (2 products + 2 adds x 16 lanes = 64 flops per instruction)
+// Counter "GFLOPS" is per thread and per wall-clock second (kAvgThreads); ->Threads(2) shows
+// whether both cores reach it. On a shared machine, report.py uses the threads:1 run and
+// GFLOP / cpu_time (the flops per second of CPU time actually given to the benchmark).
+
+#include <benchmark/benchmark.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace switchmoe_bench {
+
+inline constexpr int kPeakChains = 24;  // > latency x throughput (4 x 2) with margin
+inline constexpr int kPeakInnerIters = 4096;
+
+#if defined(__AVX512F__)
+inline void BM_peak_fp32_fma(benchmark::State& state) {
+  __m512 acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_set1_ps(0.001f * i);
+  const __m512 x = _mm512_set1_ps(0.999999f);
+  const __m512 y = _mm512_set1_ps(1e-7f);
+  for (auto _ : state) {
+    for (int it = 0; it < kPeakInnerIters; ++it) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < kPeakChains; ++i) benchmark::DoNotOptimize(acc[i]);
+  }
+  const double flops = 2.0 * 16 * kPeakChains * kPeakInnerIters;
+  state.counters["GFLOP"] = flops * 1e-9;  // per iteration of one thread
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9 * state.iterations(),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+}
+BENCHMARK(BM_peak_fp32_fma)->Name("peak_fp32_fma")->UseRealTime()->Threads(1)->Threads(2);
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+inline void BM_peak_bf16_dot(benchmark::State& state) {
+  __m512 acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_set1_ps(0.001f * i);
+  const __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3f), _mm512_set1_ps(-1e-3f));
+  const __m512bh y = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f));
+  for (auto _ : state) {
+    for (int it = 0; it < kPeakInnerIters; ++it) {
+#pragma GCC unroll 32
+      for (int i = 0; i < kPeakChains; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], x, y);
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < kPeakChains; ++i) benchmark::DoNotOptimize(acc[i]);
+  }
+  const double flops = 4.0 * 16 * kPeakChains * kPeakInnerIters;
+  state.counters["GFLOP"] = flops * 1e-9;  // per iteration of one thread
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9 * state.iterations(),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+}
+BENCHMARK(BM_peak_bf16_dot)->Name("peak_bf16_dot")->UseRealTime()->Threads(1)->Threads(2);
+#endif
+
+}  // namespace switchmoe_bench

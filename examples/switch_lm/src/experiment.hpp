@@ -1,0 +1,202 @@
+#pragma once
+// The demonstration: dense and Switch runs trained in lockstep (one step of each in turn, so that
+// load from other processes slows both alike), then the comparison, the curves, samples, and the
+// optional distillation.
+
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "options.hpp"
+#include "progress.hpp"
+#include "report.hpp"
+#include "trainer.hpp"
+
+namespace switch_lm {
+
+inline std::string strprintf(const char* format, ...) __attribute__((format(printf, 1, 2)));
+inline std::string strprintf(const char* format, ...) {
+  char buf[1024];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buf, sizeof buf, format, args);
+  va_end(args);
+  return buf;
+}
+
+template <class Policy>
+std::string expert_load_lines(Run<Policy>& run) {
+  std::string out;
+  for (const auto& [block, load] : run.take_expert_loads()) {
+    std::string counts;
+    for (double n : load.routed) counts += strprintf(" %.0f", n / load.calls);
+    out += strprintf("    %s block %d: tokens/expert%s | dropped %.1f%% | mean gate %.2f\n",
+                     run.name().c_str(), block, counts.c_str(),
+                     100.0 * load.dropped_fraction / load.calls,
+                     load.router_confidence / load.calls);
+  }
+  return out;
+}
+
+template <class Policy>
+RunSummary summarize(Run<Policy>& run, int steps) {
+  RunSummary s;
+  s.name = run.name();
+  s.parameters = run.parameter_count();
+  s.active_parameters = run.active_parameter_count();
+  s.flops_per_token = run.forward_flops_per_token();
+  s.final_valid_bits = run.curve().back().valid_bits;
+  s.tokens_per_second = run.tokens_per_second();
+  s.train_seconds = run.train_seconds();
+  s.steps = steps;
+  s.curve = run.curve();
+  return s;
+}
+
+// Trains `runs` in lockstep for options.train.steps steps, evaluating every eval_interval steps.
+template <class Policy>
+void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, ProgressLine& progress,
+                    Run<Policy>* teacher = nullptr) {
+  const int steps = options.train.steps;
+  const auto start = std::chrono::steady_clock::now();
+  auto evaluate_all = [&](int step) {
+    std::string line = strprintf("step %5d  valid bits/byte:", step);
+    for (auto* run : runs)
+      line += strprintf("  %s %.4f", run->name().c_str(), run->evaluate(step).valid_bits);
+    progress.print(line);
+    for (auto* run : runs) {
+      const std::string loads = expert_load_lines(*run);
+      if (!loads.empty()) progress.print(loads.substr(0, loads.size() - 1));
+    }
+  };
+  evaluate_all(0);
+  for (int step = 1; step <= steps; ++step) {
+    for (auto* run : runs) run->train_step(step, teacher, options.distill_teacher_weight);
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::string line = strprintf("step %d/%d", step, steps);
+    for (auto* run : runs)
+      line += strprintf(" | %s %.0f tok/s loss %.3f", run->name().c_str(), run->tokens_per_second(),
+                        run->last_train_bits());
+    line += " | ETA " + format_duration(elapsed / step * (steps - step));
+    progress.update(line, step == steps);
+    if (step % options.train.eval_interval == 0 || step == steps) evaluate_all(step);
+  }
+}
+
+template <class Policy>
+int run_experiment(const Options& options, const TextData& data) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(options.out, ec);
+  if (ec) {
+    std::fprintf(stderr, "error: cannot create output directory '%s': %s\n", options.out.c_str(),
+                 ec.message().c_str());
+    return 1;
+  }
+  ProgressLine progress;
+  const ModelConfig& mc = options.model;
+  Run<Policy> dense("dense", mc, options.train, std::nullopt, options.seed, data);
+  Run<Policy> moe("switch", mc, options.train, options.moe, options.seed, data);
+  const auto& m = options.moe;
+  progress.print(strprintf(
+      "model: d_model %d, layers %d, heads %d, d_ff %d, context %d, precision %s; Switch: %d "
+      "experts "
+      "in blocks 1,3,..., capacity factor %.2f (eval %.2f), aux coef %.3g",
+      mc.d_model, mc.layers, mc.heads, mc.d_ff, mc.context, options.precision.c_str(), m.experts,
+      m.capacity_factor, m.eval_capacity_factor, static_cast<double>(m.aux_loss_coef)));
+  progress.print(strprintf(
+      "training: %d steps of %d x %d tokens, lr %.3g (warm-up %d, cosine to %.2gx), "
+      "seed %llu",
+      options.train.steps, options.train.batch, mc.context, options.train.lr, options.train.warmup,
+      options.train.final_lr_fraction, static_cast<unsigned long long>(options.seed)));
+  progress.print(
+      strprintf("parameters: dense %s, switch %s (%s active per token); forward FLOPs/token: "
+                "dense %s, switch %s",
+                format_count(static_cast<double>(dense.parameter_count())).c_str(),
+                format_count(static_cast<double>(moe.parameter_count())).c_str(),
+                format_count(static_cast<double>(moe.active_parameter_count())).c_str(),
+                format_count(dense.forward_flops_per_token()).c_str(),
+                format_count(moe.forward_flops_per_token()).c_str()));
+
+  train_lockstep<Policy>({&dense, &moe}, options, progress);
+
+  std::vector<RunSummary> summaries{summarize(dense, options.train.steps),
+                                    summarize(moe, options.train.steps)};
+  std::string report = "\n" + comparison_table(summaries);
+  const double target = summaries[0].final_valid_bits;
+  const auto hit = first_reaching(summaries[1].curve, target);
+  const double switch_at_dense_time =
+      valid_bits_at_seconds(summaries[1].curve, summaries[0].train_seconds);
+  if (hit) {
+    const double step_fraction = hit->step / options.train.steps;
+    report += strprintf(
+        "\nSwitch reached the dense run's final validation loss (%.4f bits/byte) at step %.0f = "
+        "%.0f%% "
+        "of the dense steps (target <= 60%%: %s),\nafter %.1f s of training = %.0f%% of the dense "
+        "run's %.1f s.\n",
+        target, hit->step, 100.0 * step_fraction, step_fraction <= 0.6 ? "met" : "NOT met",
+        hit->seconds, 100.0 * hit->seconds / summaries[0].train_seconds,
+        summaries[0].train_seconds);
+  } else {
+    report += strprintf(
+        "\nSwitch did not reach the dense run's final validation loss (%.4f bits/byte).\n", target);
+  }
+  report += strprintf(
+      "At the dense run's total training time (%.1f s) Switch is at %.4f bits/byte vs dense %.4f: "
+      "%s.\n",
+      summaries[0].train_seconds, switch_at_dense_time, target,
+      switch_at_dense_time < target ? "Switch ahead at equal wall-clock" : "Switch NOT ahead");
+
+  if (options.distill) {
+    progress.print(strprintf(
+        "\ndistillation: dense student (non-expert weights from the Switch teacher), "
+        "%.2f teacher / %.2f hard labels, %d steps",
+        options.distill_teacher_weight, 1.0 - options.distill_teacher_weight, options.train.steps));
+    Run<Policy> student("distilled", mc, options.train, std::nullopt, options.seed, data);
+    const int copied = student.copy_matching_parameters(moe);
+    progress.print(strprintf("student starts from %d tensors of the teacher", copied));
+    train_lockstep<Policy>({&student}, options, progress, &moe);
+    summaries.push_back(summarize(student, options.train.steps));
+    const double gain = summaries[0].final_valid_bits - summaries[1].final_valid_bits;
+    const double kept = summaries[0].final_valid_bits - summaries[2].final_valid_bits;
+    report += strprintf(
+        "Distilled dense student: %.4f bits/byte; it keeps %.0f%% of the Switch model's gain "
+        "over the dense baseline (%.4f of %.4f bits/byte).\n",
+        summaries[2].final_valid_bits, gain > 0 ? 100.0 * kept / gain : 0.0, kept, gain);
+  }
+
+  const std::string csv = options.out + "/curves.csv";
+  write_curves_csv(csv, summaries);
+  report += "curves: " + csv + "\n" + plot_curves(options.out, csv, summaries) + "\n";
+
+  report += "\nsamples (prompt \"%\\n\", temperature 0.8):\n";
+  for (auto* run : {&dense, &moe}) {
+    report += "--- " + run->name() + " ---\n" +
+              printable(run->generate("%\n", options.sample_bytes, 0.8, options.seed)) + "\n";
+  }
+  progress.print(report);
+  std::ofstream(options.out + "/report.txt") << report;
+
+  if (options.quick) {
+    bool ok = true;
+    for (const auto& s : summaries) {
+      if (!(s.final_valid_bits < options.quick_max_bits)) {
+        std::fprintf(stderr, "quick check FAILED: %s ends at %.4f bits/byte, expected < %.2f\n",
+                     s.name.c_str(), s.final_valid_bits, options.quick_max_bits);
+        ok = false;
+      }
+    }
+    if (!ok) return 1;
+    std::printf("quick check passed: every run ends below %.2f bits/byte\n",
+                options.quick_max_bits);
+  }
+  return 0;
+}
+
+}  // namespace switch_lm

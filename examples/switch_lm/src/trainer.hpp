@@ -1,0 +1,288 @@
+#pragma once
+// One training run of a language model (dense, Switch, or a distilled student): data, model,
+// optimizer, timing, evaluation, and the curve of validation loss.
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <string>
+#include <switchmoe/switchmoe.hpp>
+#include <vector>
+
+#include "cross_entropy.hpp"
+#include "feed_forward.hpp"
+#include "language_model.hpp"
+#include "optimizer.hpp"
+#include "text_data.hpp"
+
+namespace switch_lm {
+
+struct TrainConfig {
+  int steps = 600;
+  int batch = 16;
+  double lr = 2e-3;
+  int warmup = 50;
+  double final_lr_fraction = 0.1;
+  AdamWConfig adamw;
+  double clip_norm = 1.0;
+  int eval_interval = 25;
+  int eval_tokens = 32768;
+};
+
+// Switch layers replace the FFN of every other block (blocks 1, 3, ...), paper section 2.
+struct SwitchSettings {
+  int experts = 8;
+  double capacity_factor = 1.25;
+  double eval_capacity_factor = 2.0;
+  float aux_loss_coef = 0.01f;
+  float z_loss_coef = 0.0f;
+  float jitter_eps = 0.01f;
+};
+
+struct EvalPoint {
+  int step = 0;
+  double tokens = 0.0;      // training tokens seen
+  double seconds = 0.0;     // training wall-clock (evaluation excluded)
+  double train_bits = 0.0;  // mean training loss since the previous point, bits/byte
+  double valid_bits = 0.0;  // validation loss, bits/byte
+};
+
+inline double bits(double nats) { return nats / std::log(2.0); }
+
+template <class Policy>
+class Run {
+ public:
+  using Model = LanguageModel<float, FeedForward<Policy>>;
+
+  Run(std::string name, const ModelConfig& model_config, const TrainConfig& train,
+      std::optional<SwitchSettings> moe, std::uint64_t seed, const TextData& data)
+      : name_(std::move(name)),
+        train_(train),
+        moe_(moe),
+        data_(data),
+        model_(model_config, seed,
+               [&](int layer, std::mt19937_64&) {
+                 return make_feed_forward(model_config, moe, seed, layer);
+               }),
+        optimizer_(train.adamw),
+        schedule_{train.lr, train.warmup, train.steps, train.final_lr_fraction},
+        sampler_(data.train, train.batch, model_config.context, seed),
+        valid_offsets_(validation_offsets(data.valid.size(), model_config.context,
+                                          static_cast<std::size_t>(train.eval_tokens))) {
+    if (moe_) loads_.resize(static_cast<std::size_t>(model_config.layers));
+  }
+
+  const std::string& name() const { return name_; }
+  Model& model() { return model_; }
+  bool is_switch() const { return moe_.has_value(); }
+  const std::vector<EvalPoint>& curve() const { return curve_; }
+  double train_seconds() const { return train_seconds_; }
+  double train_tokens() const { return train_tokens_; }
+  double tokens_per_second() const {
+    return train_seconds_ > 0 ? train_tokens_ / train_seconds_ : 0.0;
+  }
+  double last_train_bits() const { return last_train_bits_; }
+
+  // One optimizer step. With a teacher, the target mixes the labels with the teacher's
+  // distribution (weight teacher_weight on the teacher), paper section 4.2.
+  void train_step(int step, Run* teacher = nullptr, double teacher_weight = 0.0) {
+    const auto start = std::chrono::steady_clock::now();
+    const int seq = model_.config().context;
+    sampler_.next(inputs_, targets_);
+    MatrixX<float> teacher_probs;
+    if (teacher) {
+      teacher_probs =
+          softmax_rows(teacher->model_.forward(inputs_, train_.batch, seq, switchmoe::Mode::kEval));
+    }
+    model_.zero_grad();
+    const MatrixX<float> logits =
+        model_.forward(inputs_, train_.batch, seq, switchmoe::Mode::kTrain);
+    auto ce = softmax_cross_entropy(logits, targets_, true, teacher ? &teacher_probs : nullptr,
+                                    teacher_weight);
+    model_.backward(ce.d_logits);
+    const ParamList<float> params = model_.parameters();
+    clip_grad_norm(params, train_.clip_norm);
+    optimizer_.step(params, schedule_.at(step));
+    train_seconds_ +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    train_tokens_ += static_cast<double>(inputs_.size());
+    last_train_bits_ = bits(ce.hard_loss);
+    train_bits_sum_ += last_train_bits_;
+    ++train_bits_count_;
+    if (moe_) {
+      for (std::size_t i = 0; i < model_.blocks().size(); ++i) {
+        auto& ffn = model_.blocks()[i].feed_forward();
+        if (ffn.is_switch()) loads_[i].accumulate(ffn.load());
+      }
+    }
+  }
+
+  // Validation loss in bits per byte over the fixed validation windows (evaluation mode).
+  double validation_bits() {
+    const int seq = model_.config().context;
+    double total = 0.0;
+    std::size_t tokens = 0;
+    std::vector<int> inputs, targets;
+    for (std::size_t first = 0; first < valid_offsets_.size();
+         first += static_cast<std::size_t>(train_.batch)) {
+      const std::size_t count = std::min<std::size_t>(static_cast<std::size_t>(train_.batch),
+                                                      valid_offsets_.size() - first);
+      inputs.clear();
+      targets.clear();
+      for (std::size_t w = first; w < first + count; ++w) {
+        for (int t = 0; t < seq; ++t) {
+          inputs.push_back(data_.valid[valid_offsets_[w] + static_cast<std::size_t>(t)]);
+          targets.push_back(data_.valid[valid_offsets_[w] + static_cast<std::size_t>(t) + 1]);
+        }
+      }
+      const MatrixX<float> logits =
+          model_.forward(inputs, static_cast<int>(count), seq, switchmoe::Mode::kEval);
+      total +=
+          softmax_cross_entropy(logits, targets, false).loss * static_cast<double>(targets.size());
+      tokens += targets.size();
+    }
+    return bits(total / static_cast<double>(tokens));
+  }
+
+  // Evaluates and appends a point to the curve; returns it.
+  const EvalPoint& evaluate(int step) {
+    EvalPoint point;
+    point.step = step;
+    point.tokens = train_tokens_;
+    point.seconds = train_seconds_;
+    point.train_bits = train_bits_count_ ? train_bits_sum_ / train_bits_count_ : 0.0;
+    point.valid_bits = validation_bits();
+    train_bits_sum_ = 0.0;
+    train_bits_count_ = 0;
+    curve_.push_back(point);
+    return curve_.back();
+  }
+
+  // Expert load accumulated since the last call, per Switch layer (block index, load); resets it.
+  std::vector<std::pair<int, ExpertLoad>> take_expert_loads() {
+    std::vector<std::pair<int, ExpertLoad>> out;
+    for (std::size_t i = 0; i < loads_.size(); ++i) {
+      if (loads_[i].calls > 0) out.emplace_back(static_cast<int>(i), loads_[i]);
+      loads_[i] = ExpertLoad{};
+    }
+    return out;
+  }
+
+  std::size_t parameter_count() {
+    std::size_t n = 0;
+    for (const auto& p : model_.parameters()) n += static_cast<std::size_t>(p.value->size());
+    return n;
+  }
+
+  // Parameters a token actually uses: one expert per Switch layer (paper: same FLOPs per token).
+  std::size_t active_parameter_count() {
+    std::size_t n = 0;
+    for (const auto& p : model_.parameters()) {
+      const auto pos = p.name.find(".experts.");
+      if (pos != std::string::npos && p.name.compare(pos, 11, ".experts.0.") != 0) continue;
+      n += static_cast<std::size_t>(p.value->size());
+    }
+    return n;
+  }
+
+  // Forward FLOPs per token (multiply-add = 2): projections, attention over the full context as
+  // computed, FFN (one expert for a Switch layer, plus the router), output head. Training is ~3x.
+  double forward_flops_per_token() const {
+    const ModelConfig& c = model_.config();
+    const double d = c.d_model, ff = c.d_ff, ctx = c.context;
+    double per_layer = 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * 2.0 * ctx * d + 2.0 * 2.0 * d * ff;
+    double total = c.layers * per_layer + 2.0 * d * c.vocab;
+    if (moe_) total += switch_layer_count(c.layers) * 2.0 * d * moe_->experts;
+    return total;
+  }
+
+  static int switch_layer_count(int layers) { return layers / 2; }
+  static bool is_switch_layer(int layer) { return layer % 2 == 1; }
+
+  // Copies every parameter whose name and shape match (used to start a distilled student from the
+  // teacher's non-expert weights, paper section 4.2). Returns how many tensors were copied.
+  int copy_matching_parameters(Run& from) {
+    int copied = 0;
+    auto source = from.model_.parameters();
+    for (auto& p : model_.parameters()) {
+      for (const auto& q : source) {
+        if (q.name == p.name && q.value->rows() == p.value->rows() &&
+            q.value->cols() == p.value->cols()) {
+          *p.value = *q.value;
+          ++copied;
+        }
+      }
+    }
+    return copied;
+  }
+
+  // Samples `length` bytes after `prompt` (temperature sampling, evaluation mode).
+  std::string generate(const std::string& prompt, int length, double temperature,
+                       std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<int> context(prompt.begin(), prompt.end());
+    for (auto& c : context) c = static_cast<unsigned char>(c);
+    std::string out;
+    const int window = model_.config().context;
+    for (int i = 0; i < length; ++i) {
+      const int start = std::max(0, static_cast<int>(context.size()) - window);
+      const std::vector<int> input(context.begin() + start, context.end());
+      const int seq = static_cast<int>(input.size());
+      const MatrixX<float> logits = model_.forward(input, 1, seq, switchmoe::Mode::kEval);
+      std::vector<double> weights(static_cast<std::size_t>(logits.cols()));
+      const float max = logits.row(seq - 1).maxCoeff();
+      for (Eigen::Index v = 0; v < logits.cols(); ++v)
+        weights[static_cast<std::size_t>(v)] = std::exp((logits(seq - 1, v) - max) / temperature);
+      std::discrete_distribution<int> pick(weights.begin(), weights.end());
+      const int next = pick(rng);
+      context.push_back(next);
+      out.push_back(static_cast<char>(next));
+    }
+    return out;
+  }
+
+ private:
+  static FeedForward<Policy> make_feed_forward(const ModelConfig& c,
+                                               const std::optional<SwitchSettings>& moe,
+                                               std::uint64_t seed, int layer) {
+    const std::uint64_t layer_seed = seed * 1000003ULL + static_cast<std::uint64_t>(layer) + 1;
+    if (moe && is_switch_layer(layer)) {
+      switchmoe::SwitchConfig config;
+      config.d_model = c.d_model;
+      config.d_ff = c.d_ff;
+      config.routing.num_experts = moe->experts;
+      config.routing.capacity_factor = moe->capacity_factor;
+      config.routing.eval_capacity_factor = moe->eval_capacity_factor;
+      config.aux_loss_coef = moe->aux_loss_coef;
+      config.z_loss_coef = moe->z_loss_coef;
+      config.jitter_eps = moe->jitter_eps;
+      config.seed = layer_seed;
+      return FeedForward<Policy>(config);
+    }
+    switchmoe::DenseConfig config;
+    config.d_model = c.d_model;
+    config.d_ff = c.d_ff;
+    config.seed = layer_seed;
+    return FeedForward<Policy>(config);
+  }
+
+  std::string name_;
+  TrainConfig train_;
+  std::optional<SwitchSettings> moe_;
+  const TextData& data_;
+  Model model_;
+  AdamW<float> optimizer_;
+  LrSchedule schedule_;
+  BatchSampler sampler_;
+  std::vector<std::size_t> valid_offsets_;
+  std::vector<int> inputs_, targets_;
+  double train_seconds_ = 0.0, train_tokens_ = 0.0;
+  double train_bits_sum_ = 0.0, last_train_bits_ = 0.0;
+  int train_bits_count_ = 0;
+  std::vector<EvalPoint> curve_;
+  std::vector<ExpertLoad> loads_;
+};
+
+}  // namespace switch_lm

@@ -1,0 +1,340 @@
+#pragma once
+// Batched GEMM of the expert layers: C = op(A) * op(B) + beta * C.
+//
+// Precision contract: A and B are float or Eigen::bfloat16 (both the same type); C and the
+// accumulator are always float32. bf16 products are exact in float32, only the sums round
+// (the AVX512_BF16 kernel, like every vdpbf16ps user, flushes float32 denormals to zero).
+//
+// ISA: the last template parameter, defaulted to isa::Native (isa.hpp): the AVX-512 kernels when
+// the translation unit is compiled for AVX-512F (+ AVX512_BF16 for bf16), the portable kernel
+// otherwise. Both are always callable explicitly, e.g. gemm<float, isa::Portable>(problem).
+//
+// Structure (BLIS style): the output of every problem is cut into tiles of up to
+// kMaxRowBlocksPerTile x kMc rows by kNc columns; one OpenMP `parallel for schedule(dynamic)`
+// runs over the tiles of all problems (the only OpenMP level of the library). A tile walks k in
+// blocks of kKc in increasing order; per k block it packs its B block once (or takes it from a
+// PackedB, packed_b.hpp), then for each kMc-row block packs A and runs the kMr x kNr
+// micro-kernel over the block. Packing buffers are per thread and reused (workspace.hpp). A
+// tile is always computed whole by one thread, so every C element sees the same operation
+// sequence whatever the thread count: results are bitwise independent of the number of threads.
+
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "switchmoe/kernels/isa.hpp"
+#include "switchmoe/kernels/micro_kernel_avx512.hpp"
+#include "switchmoe/kernels/micro_kernel_portable.hpp"
+#include "switchmoe/kernels/pack.hpp"
+#include "switchmoe/kernels/workspace.hpp"
+
+namespace switchmoe::kernels {
+
+enum class Transpose { kNo, kYes };
+
+template <class T>  // T = float or Eigen::bfloat16; output and accumulation always float
+struct GemmProblem {
+  int m = 0, n = 0, k = 0;
+  const T* a = nullptr;  // op(A) is [m, k], row-major storage ([k, m] stored when trans_a)
+  int lda = 0;
+  Transpose trans_a = Transpose::kNo;
+  const T* b = nullptr;  // op(B) is [k, n], row-major storage ([n, k] stored when trans_b)
+  int ldb = 0;
+  Transpose trans_b = Transpose::kNo;
+  float* c = nullptr;  // C is [m, n], row-major; must not overlap A or B
+  int ldc = 0;
+  float beta = 0.0f;  // C = op(A) * op(B) + beta * C; beta == 0 never reads C
+};
+
+namespace detail {
+
+template <class T>
+inline constexpr bool kIsGemmElement =
+    std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16>;
+
+inline const char* transpose_name(Transpose t) { return t == Transpose::kNo ? "kNo" : "kYes"; }
+
+[[noreturn]] inline void throw_bad_problem(std::size_t index, const std::string& what) {
+  throw std::invalid_argument("switchmoe::kernels::gemm: problem " + std::to_string(index) + ": " +
+                              what);
+}
+
+// Checks sizes, pointers, leading dimensions and beta; `check_b` is false for a pre-packed B
+// (validated by its own caller).
+template <class T>
+void validate(const GemmProblem<T>& p, std::size_t index, bool check_b = true) {
+  auto check_size = [&](const char* name, int value) {
+    if (value < 0) {
+      throw_bad_problem(index,
+                        std::string(name) + " = " + std::to_string(value) + ", expected >= 0");
+    }
+  };
+  check_size("m", p.m);
+  check_size("n", p.n);
+  check_size("k", p.k);
+  auto check_operand = [&](const char* name, const void* ptr, const char* ld_name, int ld,
+                           int min_ld, const std::string& min_ld_text, bool used) {
+    if (!used) return;
+    if (ptr == nullptr) {
+      throw_bad_problem(index,
+                        std::string(name) +
+                            " is nullptr, expected a valid pointer for m = " + std::to_string(p.m) +
+                            ", n = " + std::to_string(p.n) + ", k = " + std::to_string(p.k));
+    }
+    if (ld < min_ld) {
+      throw_bad_problem(index, std::string(ld_name) + " = " + std::to_string(ld) +
+                                   ", expected >= " + min_ld_text + " = " + std::to_string(min_ld));
+    }
+  };
+  const bool ta = p.trans_a == Transpose::kYes;
+  const bool tb = p.trans_b == Transpose::kYes;
+  check_operand("a", p.a, "lda", p.lda, ta ? p.m : p.k,
+                std::string(ta ? "m" : "k") + " (trans_a = " + transpose_name(p.trans_a) + ")",
+                p.m > 0 && p.n > 0 && p.k > 0);
+  check_operand("b", p.b, "ldb", p.ldb, tb ? p.k : p.n,
+                std::string(tb ? "k" : "n") + " (trans_b = " + transpose_name(p.trans_b) + ")",
+                check_b && p.m > 0 && p.n > 0 && p.k > 0);
+  check_operand("c", p.c, "ldc", p.ldc, p.n, "n", p.m > 0 && p.n > 0);
+  if (!std::isfinite(p.beta)) {
+    throw_bad_problem(index, "beta = " + std::to_string(p.beta) + ", expected a finite value");
+  }
+}
+
+template <class T>
+OperandView<T> view_a(const GemmProblem<T>& p) {
+  return p.trans_a == Transpose::kNo ? OperandView<T>{p.a, p.lda, 1}
+                                     : OperandView<T>{p.a, 1, p.lda};
+}
+
+template <class T>
+OperandView<T> view_b(const GemmProblem<T>& p) {
+  return p.trans_b == Transpose::kNo ? OperandView<T>{p.b, 1, p.ldb}
+                                     : OperandView<T>{p.b, p.ldb, 1};
+}
+
+// Number of packed k-steps of a block of kc values of k.
+template <class Kernel>
+constexpr int packed_steps(int kc) {
+  return (kc + Kernel::kKPack - 1) / Kernel::kKPack;
+}
+
+// Packs rows [r0, r0 + rows) x k values [p0, p0 + kc) of `view` into panels of `kPanel` rows
+// (the layout documented in pack.hpp); partial panels and k-steps are padded
+// with zeros. Shared by A (kPanel = kMr) and B (kPanel = kNr).
+template <class Kernel, int kPanel, class S>
+void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
+                 typename Kernel::Packed* dst) {
+  using Packed = typename Kernel::Packed;
+  using Element = typename Kernel::Element;
+  constexpr int kKPack = Kernel::kKPack;
+  const int steps = packed_steps<Kernel>(kc);
+  for (int q0 = 0; q0 < rows; q0 += kPanel) {
+    const int valid_rows = std::min(kPanel, rows - q0);
+    const S* base = view.data + (r0 + q0) * view.row_stride + p0 * view.k_stride;
+    if constexpr (std::is_same_v<S, Element>) {
+      if (valid_rows == kPanel && kc == steps * kKPack) {
+        Kernel::template pack_full_panel<kPanel>(view, base, steps, dst);
+        dst += static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
+        continue;
+      }
+    }
+    // Edge panels, and sources of another type (a float master matrix packed for bf16):
+    // S -> Element is an explicit rounding conversion (Eigen's round-to-nearest-even for bf16).
+    for (int s = 0; s < steps; ++s) {
+      for (int r = 0; r < kPanel; ++r) {
+        for (int q = 0; q < kKPack; ++q) {
+          const int kk = s * kKPack + q;
+          dst[(s * kPanel + r) * kKPack + q] =
+              (r < valid_rows && kk < kc) ? Kernel::pack(static_cast<Element>(
+                                                base[r * view.row_stride + kk * view.k_stride]))
+                                          : Packed(0);
+        }
+      }
+    }
+    dst += static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
+  }
+}
+
+// One output tile: rows [i0, i0 + rows) and columns [j0, j0 + nc) of C over the whole k range.
+// For each k block (in increasing k), the B block is packed once and reused by every
+// kMc-row block of the tile; `b_panels(p0, kc, j0, nc)` returns that packed B block.
+template <class Kernel, class T, class BPanels>
+void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
+                  typename Kernel::Packed* a_pack, const BPanels& b_panels) {
+  using Packed = typename Kernel::Packed;
+  const OperandView<T> a = view_a(p);
+  for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
+    const int kc = std::min(Kernel::kKc, p.k - p0);
+    const int steps = packed_steps<Kernel>(kc);
+    const std::ptrdiff_t a_panel =
+        static_cast<std::ptrdiff_t>(steps) * Kernel::kMr * Kernel::kKPack;
+    const std::ptrdiff_t b_panel =
+        static_cast<std::ptrdiff_t>(steps) * Kernel::kNr * Kernel::kKPack;
+    const Packed* b_pack = b_panels(p0, kc, j0, nc);
+    const float beta = p0 == 0 ? p.beta : 1.0f;  // later k blocks accumulate
+    for (int ic = 0; ic < rows; ic += Kernel::kMc) {
+      const int mc = std::min(Kernel::kMc, rows - ic);
+      pack_panels<Kernel, Kernel::kMr>(a, i0 + ic, mc, p0, kc, a_pack);
+      // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2.
+      for (int jr = 0; jr < nc; jr += Kernel::kNr) {
+        const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
+        for (int ir = 0; ir < mc; ir += Kernel::kMr) {
+          float* cij = p.c + static_cast<std::ptrdiff_t>(i0 + ic + ir) * p.ldc + (j0 + jr);
+          Kernel::run(steps, a_pack + (ir / Kernel::kMr) * a_panel, bj, cij, p.ldc, beta,
+                      std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr));
+        }
+      }
+    }
+  }
+}
+
+// C = beta * C for k == 0 (beta == 0 writes zeros without reading C).
+inline void scale_output(float* c, int ldc, int m, int n, float beta) {
+  for (int i = 0; i < m; ++i) {
+    float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    if (beta == 0.0f) {
+      std::fill(ci, ci + n, 0.0f);
+    } else if (beta != 1.0f) {
+      for (int j = 0; j < n; ++j) ci[j] *= beta;
+    }
+  }
+}
+
+// A unit of parallel work: rows [i0, i0 + rows) x columns [j0, j0 + kNc) of one problem.
+struct Tile {
+  int problem;
+  int i0;
+  int rows;
+  int j0;
+};
+
+template <class Kernel>
+constexpr std::size_t a_block_elements() {
+  return static_cast<std::size_t>(Kernel::kMc) * packed_steps<Kernel>(Kernel::kKc) * Kernel::kKPack;
+}
+
+template <class Kernel>
+constexpr std::size_t b_block_elements() {
+  return static_cast<std::size_t>(Kernel::kNc) * packed_steps<Kernel>(Kernel::kKc) * Kernel::kKPack;
+}
+
+// Tiles span up to this many kMc-row blocks, so that a packed B block serves more rows when
+// there is enough work to keep every thread busy anyway.
+inline constexpr int kMaxRowBlocksPerTile = 4;
+// Aim for at least this many tiles per thread (dynamic scheduling evens out the rest).
+inline constexpr int kTilesPerThread = 6;
+
+// Cuts every problem into tiles. Tile shapes may depend on the thread count: they change which
+// thread computes an element, never the order of its operations (k blocks always run in
+// increasing order inside one tile), so results stay bitwise identical.
+template <class Kernel, class T>
+void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads,
+                std::vector<Tile>& tiles) {
+  long long row_blocks = 0;  // kMc x kNc blocks of all problems
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmProblem<T>& p = problems[i];
+    if (p.m == 0 || p.n == 0 || p.k == 0) continue;
+    row_blocks += static_cast<long long>((p.m + Kernel::kMc - 1) / Kernel::kMc) *
+                  ((p.n + Kernel::kNc - 1) / Kernel::kNc);
+  }
+  const long long wanted_tiles = static_cast<long long>(kTilesPerThread) * threads;
+  const int blocks_per_tile = static_cast<int>(
+      std::clamp<long long>(row_blocks / std::max(1LL, wanted_tiles), 1, kMaxRowBlocksPerTile));
+  const int max_tile_rows = blocks_per_tile * Kernel::kMc;  // a multiple of kMr
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmProblem<T>& p = problems[i];
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) {
+      scale_output(p.c, p.ldc, p.m, p.n, p.beta);
+      continue;
+    }
+    // Even row tiles (rounded to the register tile), rather than full tiles and a thin rest.
+    const int row_tiles = (p.m + max_tile_rows - 1) / max_tile_rows;
+    const int even_rows = (p.m + row_tiles - 1) / row_tiles;
+    const int tile_rows = (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
+    for (int i0 = 0; i0 < p.m; i0 += tile_rows) {
+      for (int j0 = 0; j0 < p.n; j0 += Kernel::kNc) {
+        tiles.push_back(Tile{static_cast<int>(i), i0, std::min(tile_rows, p.m - i0), j0});
+      }
+    }
+  }
+}
+
+// Runs `tiles` in one OpenMP loop; `b_panels_for(problem_index, b_scratch)` returns the
+// B-block provider of a problem (packing into the thread's scratch, or a pre-packed B).
+template <class Kernel, class T, class BPanelsFor>
+void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
+               const BPanelsFor& b_panels_for) {
+  using Packed = typename Kernel::Packed;
+  const int count = static_cast<int>(tiles.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < count; ++t) {
+    Workspace& ws = thread_workspace();
+    auto* a_pack = static_cast<Packed*>(ws.a.reserve(a_block_elements<Kernel>() * sizeof(Packed)));
+    auto* b_scratch =
+        static_cast<Packed*>(ws.b.reserve(b_block_elements<Kernel>() * sizeof(Packed)));
+    const Tile tile = tiles[t];
+    const GemmProblem<T>& p = problems[tile.problem];
+    compute_tile<Kernel>(p, tile.i0, tile.rows, tile.j0, std::min(Kernel::kNc, p.n - tile.j0),
+                         a_pack, b_panels_for(tile.problem, b_scratch));
+  }
+}
+
+// The tile list of the calling thread, reused across calls.
+inline std::vector<Tile>& thread_tiles() {
+  thread_local std::vector<Tile> tiles;
+  tiles.clear();
+  return tiles;
+}
+
+// Cuts the problems into tiles and runs them; `b_panels_for` as in run_tiles.
+template <class Kernel, class T, class BPanelsFor>
+void run_problems(const GemmProblem<T>* problems, std::size_t count,
+                  const BPanelsFor& b_panels_for) {
+  std::vector<Tile>& tiles = thread_tiles();
+  make_tiles<Kernel>(problems, count, omp_in_parallel() ? 1 : omp_get_max_threads(), tiles);
+  if (!tiles.empty()) run_tiles<Kernel>(problems, tiles, b_panels_for);
+}
+
+template <class T, class Isa>
+void gemm_problems(const GemmProblem<T>* problems, std::size_t count) {
+  static_assert(kIsGemmElement<T>,
+                "switchmoe::kernels::gemm supports float and Eigen::bfloat16 operands only.");
+  using Kernel = MicroKernel<Isa, T>;
+  using Packed = typename Kernel::Packed;
+  for (std::size_t i = 0; i < count; ++i) validate(problems[i], i);
+  run_problems<Kernel>(problems, count, [problems](int index, Packed* scratch) {
+    const OperandView<T> b = view_b(problems[index]);
+    return [b, scratch](int p0, int kc, int j0, int nc) {
+      pack_panels<Kernel, Kernel::kNr>(b, j0, nc, p0, kc, scratch);
+      return static_cast<const Packed*>(scratch);
+    };
+  });
+}
+
+}  // namespace detail
+
+// Runs every problem; the only OpenMP level of the library lives here (parallel over tiles of
+// all problems). Call it from outside any parallel region to use all threads (inside one it
+// runs on the calling thread). Results are bitwise independent of the thread count.
+// Throws std::invalid_argument naming the problem and argument on a negative size, a nullptr
+// operand of nonzero size, a leading dimension too small, or a non-finite beta.
+template <class T, class Isa = isa::Native>
+void gemm_batch(const std::vector<GemmProblem<T>>& problems) {
+  detail::gemm_problems<T, Isa>(problems.data(), problems.size());
+}
+
+template <class T, class Isa = isa::Native>
+void gemm(const GemmProblem<T>& p) {
+  detail::gemm_problems<T, Isa>(&p, 1);
+}
+
+}  // namespace switchmoe::kernels

@@ -1,0 +1,326 @@
+#pragma once
+// AVX-512 micro-kernels, register tile kMr x 32 (two zmm per row):
+//   float: vfmadd231ps, one k value per step.
+//   bf16 (AVX512_BF16): vdpbf16ps on pairs of consecutive k values, float32 accumulation.
+//     The products of bf16 values are exact in float32; only the sums round. (vdpbf16ps flushes
+//     float32 denormals to zero, like every bf16 dot-product instruction.)
+// Without AVX512_BF16, bf16 operands are widened to float while packing and use the float
+// kernel. This header defines nothing when the target has no AVX-512F.
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "switchmoe/kernels/isa.hpp"
+#include "switchmoe/kernels/micro_kernel_portable.hpp"
+#include "switchmoe/kernels/pack.hpp"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// GCC 12's AVX-512 intrinsics initialise their "undefined" operand from itself, which
+// -W(maybe-)uninitialized reports wherever they are inlined (GCC bug 105593); not a real read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace switchmoe::kernels::detail {
+
+// In-register transpose of a 16 x 16 block of 32-bit elements (floats or bf16 pairs):
+// on return r[c] holds column c.
+inline void transpose_16x16_epi32(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i u[16];  // u[4g + c], lane L: rows 4g..4g+3 of column 4L + c
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes
+    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i x3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes16(int count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// Full panel whose k-steps are contiguous 32-bit units in memory (a float, or a bf16 pair):
+// op(A) not transposed, op(B) transposed. Transposes 16 x 16 blocks in registers.
+// dst unit (s * kPanel + r) = unit s of panel row r.
+template <int kPanel>
+inline void pack_transposed_32bit(const char* base, std::ptrdiff_t row_bytes, int steps,
+                                  char* dst) {
+  for (int s0 = 0; s0 < steps; s0 += 16) {
+    const int cols = std::min(16, steps - s0);
+    const __mmask16 load_mask = first_lanes16(cols);
+#pragma GCC unroll 2
+    for (int g = 0; g < kPanel; g += 16) {
+      const int rows = std::min(16, kPanel - g);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < rows ? _mm512_maskz_loadu_epi32(load_mask, base + (g + i) * row_bytes + s0 * 4)
+                        : _mm512_setzero_si512();
+      }
+      transpose_16x16_epi32(r);
+      const __mmask16 store_mask = first_lanes16(rows);
+      for (int c = 0; c < cols; ++c) {
+        _mm512_mask_storeu_epi32(dst + (static_cast<std::ptrdiff_t>(s0 + c) * kPanel + g) * 4,
+                                 store_mask, r[c]);
+      }
+    }
+  }
+}
+
+// Full float panel whose panel rows are contiguous (op(B) not transposed, op(A) transposed).
+template <int kPanel>
+inline void pack_rows_contiguous_f32(const float* base, std::ptrdiff_t k_stride, int steps,
+                                     float* dst) {
+  for (int s = 0; s < steps; ++s) {
+    const float* src = base + s * k_stride;
+#pragma GCC unroll 2
+    for (int g = 0; g < kPanel; g += 16) {
+      const __mmask16 mask = first_lanes16(kPanel - g);
+      _mm512_mask_storeu_ps(dst + s * kPanel + g, mask, _mm512_maskz_loadu_ps(mask, src + g));
+    }
+  }
+}
+
+// The register tile shared by the AVX-512 kernels: kMr rows x 32 columns of float32
+// accumulators (two zmm per row, 2 * kMr of the 32 registers).
+template <int kRows>
+struct Avx512Tile {
+  static constexpr int kMr = kRows;
+  static constexpr int kNr = 32;
+
+  // Brings the C tile into L1 while the k loop runs (C rows are ldc apart and were last touched
+  // one k block earlier, so they are usually out of L1).
+  static inline void prefetch_c(const float* c, int ldc, int rows) {
+    for (int i = 0; i < rows; ++i) {
+      const char* ci = reinterpret_cast<const char*>(c + static_cast<std::ptrdiff_t>(i) * ldc);
+      _mm_prefetch(ci, _MM_HINT_T0);
+      _mm_prefetch(ci + 64, _MM_HINT_T0);
+    }
+  }
+
+  // Zeroes the accumulators, adds `steps` packed k-steps with `step(lo, hi, a, b)` (a, b point at
+  // the step's A and B values; the A and B pointers advance by a_stride / b_stride packed
+  // elements per step), then stores C = acc + beta * C.
+  template <class Packed, class Step>
+  static inline __attribute__((always_inline)) void run_tile(int steps, const Packed* a,
+                                                             int a_stride, const Packed* b,
+                                                             int b_stride, float* c, int ldc,
+                                                             float beta, int rows, int cols,
+                                                             Step step) {
+    prefetch_c(c, ldc, rows);
+    __m512 lo[kMr];
+    __m512 hi[kMr];
+#pragma GCC unroll 32
+    for (int i = 0; i < kMr; ++i) {
+      lo[i] = _mm512_setzero_ps();
+      hi[i] = _mm512_setzero_ps();
+    }
+    for (int s = 0; s < steps; ++s) {
+      step(lo, hi, a, b);
+      a += a_stride;
+      b += b_stride;
+    }
+    store(lo, hi, c, ldc, beta, rows, cols);
+  }
+
+  // C[rows, cols] = acc + beta * C (beta == 0: C is not read); columns beyond `cols` are
+  // masked off.
+  static inline void store(const __m512 (&lo)[kMr], const __m512 (&hi)[kMr], float* c, int ldc,
+                           float beta, int rows, int cols) {
+    const __mmask16 mask_lo =
+        cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
+    const __mmask16 mask_hi = cols >= 32
+                                  ? static_cast<__mmask16>(0xFFFF)
+                                  : (cols <= 16 ? static_cast<__mmask16>(0)
+                                                : static_cast<__mmask16>((1u << (cols - 16)) - 1u));
+    if (beta == 0.0f) {
+      for (int i = 0; i < rows; ++i) {
+        float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+        _mm512_mask_storeu_ps(ci, mask_lo, lo[i]);
+        _mm512_mask_storeu_ps(ci + 16, mask_hi, hi[i]);
+      }
+    } else {
+      const __m512 vbeta = _mm512_set1_ps(beta);
+      for (int i = 0; i < rows; ++i) {
+        float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+        const __m512 c_lo = _mm512_maskz_loadu_ps(mask_lo, ci);
+        const __m512 c_hi = _mm512_maskz_loadu_ps(mask_hi, ci + 16);
+        _mm512_mask_storeu_ps(ci, mask_lo, _mm512_fmadd_ps(vbeta, c_lo, lo[i]));
+        _mm512_mask_storeu_ps(ci + 16, mask_hi, _mm512_fmadd_ps(vbeta, c_hi, hi[i]));
+      }
+    }
+  }
+};
+
+// float operands (and bf16 operands on targets without AVX512_BF16, widened while packing).
+template <class T>
+struct Avx512FloatKernel : Avx512Tile<14> {
+  using Element = T;
+  using Packed = float;
+  static constexpr int kKPack = 1;
+  static constexpr int kKc = 256;
+  static constexpr int kMc = 10 * kMr;
+  static constexpr int kNc = 16 * kNr;
+
+  static Packed pack(T value) { return static_cast<float>(value); }
+
+  template <int kPanel>
+  static void pack_full_panel(const OperandView<T>& view, const T* base, int steps, Packed* dst) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (view.k_stride == 1) {
+        pack_transposed_32bit<kPanel>(reinterpret_cast<const char*>(base),
+                                      view.row_stride * static_cast<std::ptrdiff_t>(sizeof(float)),
+                                      steps, reinterpret_cast<char*>(dst));
+        return;
+      }
+      if (view.row_stride == 1) {
+        pack_rows_contiguous_f32<kPanel>(base, view.k_stride, steps, dst);
+        return;
+      }
+    }
+    pack_full_panel_portable<Avx512FloatKernel, kPanel>(view, base, steps, dst);
+  }
+
+  static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
+                  int rows, int cols) {
+    run_tile(
+        steps, a, kMr, b, kNr, c, ldc, beta, rows, cols,
+        [](__m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+            __attribute__((always_inline)) {
+              const __m512 b_lo = _mm512_load_ps(bs);
+              const __m512 b_hi = _mm512_load_ps(bs + 16);
+#pragma GCC unroll 32
+              for (int i = 0; i < kMr; ++i) {
+                const __m512 ai = _mm512_set1_ps(as[i]);
+                lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
+                hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
+              }
+            });
+  }
+};
+
+template <>
+struct MicroKernel<isa::Avx512, float> : Avx512FloatKernel<float> {};
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+
+// Panel rows contiguous (op(B) not transposed, op(A) transposed): interleave the k values
+// 2s and 2s + 1 of each panel row into a pair.
+template <int kPanel>
+inline void pack_rows_contiguous_bf16(const std::uint16_t* base, std::ptrdiff_t k_stride, int steps,
+                                      std::uint16_t* dst) {
+  alignas(64) static constexpr std::uint16_t kInterleave[2][32] = {
+      {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+      {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+  const __m512i lo_index = _mm512_load_si512(kInterleave[0]);
+  const __m512i hi_index = _mm512_load_si512(kInterleave[1]);
+  for (int s = 0; s < steps; ++s) {
+    const std::uint16_t* even = base + 2 * s * k_stride;
+    const std::uint16_t* odd = even + k_stride;
+    std::uint16_t* out = dst + static_cast<std::ptrdiff_t>(s) * kPanel * 2;
+#pragma GCC unroll 2
+    for (int g = 0; g < kPanel; g += 32) {
+      const int n = std::min(32, kPanel - g);  // panel rows in this group
+      const __mmask32 load_mask = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+      const __m512i x = _mm512_maskz_loadu_epi16(load_mask, even + g);
+      const __m512i y = _mm512_maskz_loadu_epi16(load_mask, odd + g);
+      const int lo_pairs = std::min(16, n), hi_pairs = n - lo_pairs;
+      _mm512_mask_storeu_epi16(
+          out + 2 * g, lo_pairs >= 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * lo_pairs)) - 1,
+          _mm512_permutex2var_epi16(x, lo_index, y));
+      if (hi_pairs > 0) {
+        _mm512_mask_storeu_epi16(
+            out + 2 * g + 32, hi_pairs >= 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * hi_pairs)) - 1,
+            _mm512_permutex2var_epi16(x, hi_index, y));
+      }
+    }
+  }
+}
+
+// bf16 operands with vdpbf16ps: a packed step is a pair of consecutive k values, stored as the
+// raw bf16 bits so that one 32-bit broadcast of A and one 512-bit load of B feed the kernel.
+template <>
+struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
+  using Element = Eigen::bfloat16;
+  using Packed = std::uint16_t;
+  static constexpr int kKPack = 2;
+  static constexpr int kKc = 512;
+  static constexpr int kMc = 10 * kMr;
+  static constexpr int kNc = 16 * kNr;
+
+  static Packed pack(Eigen::bfloat16 value) { return Eigen::numext::bit_cast<Packed>(value); }
+
+  template <int kPanel>
+  static void pack_full_panel(const OperandView<Eigen::bfloat16>& view, const Eigen::bfloat16* base,
+                              int steps, Packed* dst) {
+    if (view.k_stride == 1) {  // a k-step is a contiguous pair: transpose 32-bit units
+      pack_transposed_32bit<kPanel>(reinterpret_cast<const char*>(base),
+                                    view.row_stride * static_cast<std::ptrdiff_t>(sizeof(Packed)),
+                                    steps, reinterpret_cast<char*>(dst));
+    } else if (view.row_stride == 1) {
+      pack_rows_contiguous_bf16<kPanel>(reinterpret_cast<const Packed*>(base), view.k_stride, steps,
+                                        dst);
+    } else {
+      pack_full_panel_portable<MicroKernel, kPanel>(view, base, steps, dst);
+    }
+  }
+
+  static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
+                  int rows, int cols) {
+    run_tile(
+        steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols,
+        [](__m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+            __attribute__((always_inline)) {
+              const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));
+              const __m512bh b_hi = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + 32));
+#pragma GCC unroll 32
+              for (int i = 0; i < kMr; ++i) {
+                std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
+                std::memcpy(&pair, as + 2 * i, sizeof(pair));
+                const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+                lo[i] = _mm512_dpbf16_ps(lo[i], ai, b_lo);
+                hi[i] = _mm512_dpbf16_ps(hi[i], ai, b_hi);
+              }
+            });
+  }
+};
+
+#else
+
+template <>
+struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512FloatKernel<Eigen::bfloat16> {};
+
+#endif  // __AVX512BF16__
+
+}  // namespace switchmoe::kernels::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // __AVX512F__

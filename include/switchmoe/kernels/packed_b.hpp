@@ -1,0 +1,174 @@
+#pragma once
+// A GEMM right-hand operand packed once into the micro-kernel's panel layout, for weights that
+// serve many GEMMs between two updates (inference, or several forward calls per step).
+//
+// PackedB<T, Isa> holds op(B) [k, n] as T (bf16 weights: rounded from the float32 master with
+// static_cast, round to nearest even, exactly like a bf16 compute copy). A GEMM on a PackedB
+// gives results bitwise identical to gemm() on the same T values: same packing, same kernel,
+// same k order; it only skips packing B inside every call.
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/kernels/workspace.hpp"
+
+namespace switchmoe::kernels {
+
+template <class T, class Isa = isa::Native>
+class PackedB {
+ public:
+  using Element = T;
+  using Kernel = detail::MicroKernel<Isa, T>;
+  using Packed = typename Kernel::Packed;
+  static_assert(detail::kIsGemmElement<T>,
+                "switchmoe::kernels::PackedB supports float and Eigen::bfloat16 elements only.");
+
+  PackedB() = default;
+  // See pack().
+  template <class S>
+  PackedB(const S* b, int ldb, Transpose trans_b, int k, int n) {
+    pack(b, ldb, trans_b, k, n);
+  }
+
+  // Packs op(B) [k, n], stored row-major in `b` with leading dimension ldb ([k, n] stored, or
+  // [n, k] when trans_b). S is T or float (a float32 master converted to T while packing).
+  // Reuses the storage of an earlier pack of the same or a larger size. Parallel over blocks.
+  template <class S>
+  void pack(const S* b, int ldb, Transpose trans_b, int k, int n) {
+    static_assert(std::is_same_v<S, T> || std::is_same_v<S, float>,
+                  "PackedB::pack takes the element type itself or a float32 master matrix.");
+    check(b, ldb, trans_b, k, n);
+    k_ = k;
+    n_ = n;
+    panels_ = (n + Kernel::kNr - 1) / Kernel::kNr;
+    const int blocks = (k + Kernel::kKc - 1) / Kernel::kKc;
+    const std::size_t bytes = static_cast<std::size_t>(blocks) * block_stride() * sizeof(Packed);
+    data_ = static_cast<Packed*>(storage_.reserve(std::max<std::size_t>(bytes, 1)));
+    if (k == 0 || n == 0) return;
+    const detail::OperandView<S> view = trans_b == Transpose::kNo
+                                            ? detail::OperandView<S>{b, 1, ldb}
+                                            : detail::OperandView<S>{b, ldb, 1};
+    // One task per (k block, kNc column block): the layout does not depend on the split.
+    const int column_blocks = (n + Kernel::kNc - 1) / Kernel::kNc;
+    const int tasks = blocks * column_blocks;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < tasks; ++t) {
+      const int p0 = (t / column_blocks) * Kernel::kKc;
+      const int j0 = (t % column_blocks) * Kernel::kNc;
+      const int kc = std::min(Kernel::kKc, k - p0);
+      detail::pack_panels<Kernel, Kernel::kNr>(view, j0, std::min(Kernel::kNc, n - j0), p0, kc,
+                                               block(p0, j0));
+    }
+  }
+
+  int k() const { return k_; }
+  int n() const { return n_; }
+
+  // The packed panels of the k block starting at p0 (a multiple of kKc), from column j0 (a
+  // multiple of kNr) on.
+  const Packed* block(int p0, int j0) const { return data_ + offset(p0, j0); }
+
+ private:
+  Packed* block(int p0, int j0) { return data_ + offset(p0, j0); }
+
+  std::size_t offset(int p0, int j0) const {
+    const int kc = std::min(Kernel::kKc, k_ - p0);
+    return static_cast<std::size_t>(p0 / Kernel::kKc) * block_stride() +
+           static_cast<std::size_t>(j0 / Kernel::kNr) * detail::packed_steps<Kernel>(kc) *
+               Kernel::kNr * Kernel::kKPack;
+  }
+  // Elements of one full k block (all column panels).
+  std::size_t block_stride() const {
+    return static_cast<std::size_t>(panels_) * detail::packed_steps<Kernel>(Kernel::kKc) *
+           Kernel::kNr * Kernel::kKPack;
+  }
+
+  template <class S>
+  static void check(const S* b, int ldb, Transpose trans_b, int k, int n) {
+    auto fail = [](const std::string& what) {
+      throw std::invalid_argument("switchmoe::kernels::PackedB::pack: " + what);
+    };
+    if (k < 0) fail("k = " + std::to_string(k) + ", expected >= 0");
+    if (n < 0) fail("n = " + std::to_string(n) + ", expected >= 0");
+    if (k == 0 || n == 0) return;
+    if (b == nullptr)
+      fail("b is nullptr, expected a valid pointer for k = " + std::to_string(k) +
+           ", n = " + std::to_string(n));
+    const bool tb = trans_b == Transpose::kYes;
+    if (ldb < (tb ? k : n)) {
+      fail("ldb = " + std::to_string(ldb) + ", expected >= " + (tb ? "k" : "n") +
+           " (trans_b = " + detail::transpose_name(trans_b) + ") = " + std::to_string(tb ? k : n));
+    }
+  }
+
+  int k_ = 0, n_ = 0, panels_ = 0;
+  Packed* data_ = nullptr;
+  detail::AlignedBuffer storage_;
+};
+
+// C = op(A) * B + beta * C with a pre-packed B: op(A) is [m, b->k()], C is [m, b->n()].
+template <class T, class Isa = isa::Native>
+struct PackedGemmProblem {
+  int m = 0;
+  const T* a = nullptr;  // op(A) [m, k], row-major storage ([k, m] stored when trans_a)
+  int lda = 0;
+  Transpose trans_a = Transpose::kNo;
+  const PackedB<T, Isa>* b = nullptr;
+  float* c = nullptr;  // C [m, n], row-major; must not overlap A
+  int ldc = 0;
+  float beta = 0.0f;  // beta == 0 never reads C
+};
+
+namespace detail {
+
+template <class T, class Isa>
+void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count) {
+  using Kernel = detail::MicroKernel<Isa, T>;
+  using Packed = typename Kernel::Packed;
+  thread_local std::vector<GemmProblem<T>> plain;
+  plain.clear();
+  for (std::size_t i = 0; i < count; ++i) {
+    const PackedGemmProblem<T, Isa>& p = problems[i];
+    if (p.b == nullptr) {
+      throw_bad_problem(i, "b is nullptr, expected a PackedB (also for m = 0)");
+    }
+    GemmProblem<T> q;
+    q.m = p.m;
+    q.n = p.b->n();
+    q.k = p.b->k();
+    q.a = p.a;
+    q.lda = p.lda;
+    q.trans_a = p.trans_a;
+    q.c = p.c;
+    q.ldc = p.ldc;
+    q.beta = p.beta;
+    validate(q, i, /*check_b=*/false);
+    plain.push_back(q);
+  }
+  const PackedGemmProblem<T, Isa>* packed = problems;
+  run_problems<Kernel>(plain.data(), plain.size(), [packed](int index, Packed*) {
+    const PackedB<T, Isa>* b = packed[index].b;
+    return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
+  });
+}
+
+}  // namespace detail
+
+// Runs every problem, like gemm_batch on plain problems (same tiling, threads, determinism).
+template <class T, class Isa>
+void gemm_batch(const std::vector<PackedGemmProblem<T, Isa>>& problems) {
+  detail::gemm_packed_problems(problems.data(), problems.size());
+}
+
+template <class T, class Isa>
+void gemm(const PackedGemmProblem<T, Isa>& p) {
+  detail::gemm_packed_problems(&p, 1);
+}
+
+}  // namespace switchmoe::kernels
