@@ -37,13 +37,14 @@ class AdamW {
     const double c1 = 1.0 - std::pow(config_.beta1, t_);
     const double c2 = 1.0 - std::pow(config_.beta2, t_);
     const T b1 = static_cast<T>(config_.beta1), b2 = static_cast<T>(config_.beta2);
-    const T step_size = static_cast<T>(lr / c1);
     const T inv_c2 = static_cast<T>(1.0 / c2);
     const T eps = static_cast<T>(config_.eps);
     for (std::size_t i = 0; i < params.size(); ++i) {
+      const double tensor_lr = lr * params[i].lr_scale;
+      const T step_size = static_cast<T>(tensor_lr / c1);
       MatrixX<T>& w = *params[i].value;
       const MatrixX<T>& g = *params[i].grad;
-      if (params[i].weight_decay) w *= static_cast<T>(1.0 - lr * config_.weight_decay);
+      if (params[i].weight_decay) w *= static_cast<T>(1.0 - tensor_lr * config_.weight_decay);
       m_[i].array() = b1 * m_[i].array() + (T(1) - b1) * g.array();
       v_[i].array() = b2 * v_[i].array() + (T(1) - b2) * g.array().square();
       w.array() -= step_size * m_[i].array() / ((v_[i].array() * inv_c2).sqrt() + eps);

@@ -47,6 +47,8 @@ Switch layers
   --aux-coef X             load-balancing loss coefficient
   --z-coef X               router z-loss coefficient
   --jitter X               router input jitter epsilon
+  --router-lr-scale X      learning-rate multiplier of the routers
+  --expert-weight-decay 0|1  weight decay on the expert matrices
 training
   --steps N --batch N --lr X --warmup N --final-lr-fraction X --weight-decay X --clip X
   --eval-interval N        steps between validation evaluations
@@ -141,6 +143,10 @@ inline Options parse_options(int argc, char** argv) {
       o.moe.aux_loss_coef = static_cast<float>(real(0.0, true));
     else if (key == "--z-coef")
       o.moe.z_loss_coef = static_cast<float>(real(0.0, true));
+    else if (key == "--router-lr-scale")
+      o.moe.router_lr_scale = real(0.0, false);
+    else if (key == "--expert-weight-decay")
+      o.moe.expert_weight_decay = integer(0) != 0;
     else if (key == "--jitter")
       o.moe.jitter_eps = static_cast<float>(real(0.0, true));
     else if (key == "--steps")

@@ -39,6 +39,8 @@ struct SwitchSettings {
   float aux_loss_coef = 0.01f;
   float z_loss_coef = 0.0f;
   float jitter_eps = 0.01f;
+  double router_lr_scale = 1.0;  // learning-rate multiplier of the routers
+  bool expert_weight_decay = true;
 };
 
 struct EvalPoint {
@@ -102,7 +104,13 @@ class Run {
     auto ce = softmax_cross_entropy(logits, targets_, true, teacher ? &teacher_probs : nullptr,
                                     teacher_weight);
     model_.backward(ce.d_logits);
-    const ParamList<float> params = model_.parameters();
+    ParamList<float> params = model_.parameters();
+    if (moe_) {
+      for (auto& p : params) {
+        if (p.name.find(".router.") != std::string::npos) p.lr_scale = moe_->router_lr_scale;
+        if (p.name.find(".experts.") != std::string::npos) p.weight_decay &= moe_->expert_weight_decay;
+      }
+    }
     clip_grad_norm(params, train_.clip_norm);
     optimizer_.step(params, schedule_.at(step));
     train_seconds_ +=

@@ -126,12 +126,20 @@ void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan, 
 inline void combine(const Matrix<float>& yg, const DispatchPlan& plan, const Routing& routing,
                     Matrix<float>& y) {
   const Eigen::Index tokens = routing.expert.rows();
-  y.setZero(tokens, yg.cols());
+  y.resize(tokens, yg.cols());
   detail::parallel_for(tokens, yg.cols() * plan.top_k, [&](Eigen::Index t) {
+    bool written = false;
     for (int c = 0; c < plan.top_k; ++c) {
       const int r = plan.row[t * plan.top_k + c];
-      if (r >= 0) y.row(t) += routing.gate(t, c) * yg.row(r);
+      if (r < 0) continue;
+      if (written) {
+        y.row(t) += routing.gate(t, c) * yg.row(r);
+      } else {
+        y.row(t) = routing.gate(t, c) * yg.row(r);
+        written = true;
+      }
     }
+    if (!written) y.row(t).setZero();  // SEMANTICS 1: every choice dropped gives exactly 0
   });
 }
 

@@ -199,7 +199,8 @@ class FeedForwardBank {
         grad_b_out_[e] += dyg.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
-    Matrix<float> dhidden(rows, d_ff);                           // [rows, d_ff] dL/dh
+    Matrix<float>& dhidden = dhidden_;  // [rows, d_ff] dL/dh, reused across calls
+    dhidden.resize(rows, d_ff);
     run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dh = dy * W_out^T
       return kernels::GemmProblem<Element>{m,
                                            d_ff,
@@ -366,6 +367,7 @@ class FeedForwardBank {
   Matrix<float> hidden_pre_;     // [rows, d_ff] pre-activation of the last forward
   Matrix<Element> hidden_;       // [rows, d_ff] activation after dropout
   Matrix<float> dropout_scale_;  // [rows, d_ff] or empty
+  Matrix<float> dhidden_;        // [rows, d_ff] backward workspace
   Matrix<Element> dy_element_, dhidden_element_;
   std::uint64_t dropout_calls_ = 0;
   bool has_forward_ = false;

@@ -134,14 +134,15 @@ class SwitchLayer {
     const int k = static_cast<int>(routing_.expert.cols());
     detail::check_shape("dy", dy, tokens, config_.d_model);
     // Combine backward: dyg[r] = gate * dy[t]; dgate(t, c) = dy[t] . yg[r] (kept choices only).
-    Matrix<float> dyg(plan_.num_rows(), config_.d_model);  // [rows, d_model]
+    Matrix<float>& dyg = dyg_;  // [rows, d_model]
+    dyg.resize(plan_.num_rows(), config_.d_model);
     Matrix<float> dgate = Matrix<float>::Zero(tokens, k);  // [tokens, k]
     detail::parallel_for(plan_.num_rows(), 2 * config_.d_model, [&](Eigen::Index r) {
       const int t = plan_.token[r], c = plan_.choice[r];
       dyg.row(r) = routing_.gate(t, c) * dy.row(t);
       dgate(t, c) = dy.row(t).dot(yg_.row(r));
     });
-    Matrix<float> dxg;  // [rows, d_model]
+    Matrix<float>& dxg = dxg_;  // [rows, d_model]
     experts_.backward(xg_, plan_.offsets, dyg, dxg);
     const Matrix<float> dlogits = route_backward(routing_, dgate, config_.routing,
                                                  config_.aux_loss_coef, config_.z_loss_coef);
@@ -193,6 +194,7 @@ class SwitchLayer {
   DispatchPlan plan_;
   Matrix<typename Policy::Element> xg_;  // [rows, d_model] gathered tokens
   Matrix<float> yg_;                     // [rows, d_model] expert outputs before the gates
+  Matrix<float> dyg_, dxg_;              // [rows, d_model] backward workspaces
   bool has_forward_ = false;
 };
 
