@@ -19,11 +19,11 @@ namespace switch_lm {
 
 struct ModelConfig {
   int vocab = 256;
-  int context = 128;
-  int d_model = 128;
+  int context = 64;
+  int d_model = 64;
   int layers = 4;
   int heads = 4;
-  int d_ff = 512;
+  int d_ff = 256;
 };
 
 template <class T, class FeedForward>

@@ -64,16 +64,11 @@ distillation (paper section 4.2)
 }
 
 inline void apply_quick_defaults(Options& o) {
+  // The default model, trained for a tenth of the steps.
   o.quick = true;
-  o.model.d_model = 96;
-  o.model.layers = 4;
-  o.model.heads = 4;
-  o.model.d_ff = 384;
-  o.model.context = 64;
-  o.train.steps = 200;
-  o.train.batch = 16;
-  o.train.warmup = 20;
-  o.train.eval_interval = 20;
+  o.train.steps = 300;
+  o.train.warmup = 30;
+  o.train.eval_interval = 50;
   o.train.eval_tokens = 8192;
   o.sample_bytes = 160;
 }

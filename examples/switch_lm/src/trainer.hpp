@@ -20,20 +20,20 @@
 namespace switch_lm {
 
 struct TrainConfig {
-  int steps = 600;
-  int batch = 16;
-  double lr = 2e-3;
-  int warmup = 50;
+  int steps = 3000;
+  int batch = 32;
+  double lr = 3e-3;
+  int warmup = 100;
   double final_lr_fraction = 0.1;
   AdamWConfig adamw;
   double clip_norm = 1.0;
-  int eval_interval = 25;
-  int eval_tokens = 32768;
+  int eval_interval = 100;
+  int eval_tokens = 16384;
 };
 
 // Switch layers replace the FFN of every other block (blocks 1, 3, ...), paper section 2.
 struct SwitchSettings {
-  int experts = 8;
+  int experts = 16;
   double capacity_factor = 1.25;
   double eval_capacity_factor = 2.0;
   float aux_loss_coef = 0.01f;

@@ -4,7 +4,7 @@
 // dense FFN is a bank of one. Expert dropout (SEMANTICS 12) acts on the hidden activation.
 //
 // Precision contract (SEMANTICS 13): master weights and gradients are float32; the policy's
-// Element type stores the compute copies of the weights and the activations that enter a
+// Element type stores the packed compute copies of the weights and the activations that enter a
 // matrix product (x, hidden, dy, dhidden); every product accumulates in float32.
 
 #include <cstdint>
@@ -18,6 +18,7 @@
 #include "switchmoe/core/precision.hpp"
 #include "switchmoe/core/random.hpp"
 #include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/kernels/packed_b.hpp"
 
 namespace switchmoe {
 
@@ -54,8 +55,10 @@ class FeedForwardBank {
     const int n = config.num_ffns;
     w_in_.resize(n), w_out_.resize(n), b_in_.resize(n), b_out_.resize(n);
     grad_w_in_.resize(n), grad_w_out_.resize(n), grad_b_in_.resize(n), grad_b_out_.resize(n);
-    w_in_compute_.resize(n), w_out_compute_.resize(n);
+    w_in_packed_.resize(n), w_out_packed_.resize(n);
+    w_in_transposed_.resize(n), w_out_transposed_.resize(n);
     stale_.assign(n, 1);
+    transposed_stale_.assign(n, 1);
     exposed_.assign(n, 0);
     for (int e = 0; e < n; ++e) {
       w_in_[e].resize(config.d_model, config.d_ff);
@@ -77,7 +80,7 @@ class FeedForwardBank {
   void sync_weights() {
     std::fill(stale_.begin(), stale_.end(), 1);
     std::fill(exposed_.begin(), exposed_.end(), 0);
-    refresh_compute_copies();
+    refresh_forward_weights();
   }
 
   // A non-const reference to a weight may be written through at any later time, so from then on
@@ -121,24 +124,11 @@ class FeedForwardBank {
   void forward(const Matrix<Element>& xg, const std::vector<int>& offsets, Mode mode,
                const std::vector<std::uint64_t>& row_keys, Matrix<float>& yg) {
     check_blocks(xg, offsets);
-    refresh_compute_copies();
+    refresh_forward_weights();
     const Eigen::Index rows = xg.rows();
     const int d_model = config_.d_model, d_ff = config_.d_ff;
     hidden_pre_.resize(rows, d_ff);  // [rows, d_ff] x * W_in, float32
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::GemmProblem<Element>{m,
-                                           d_ff,
-                                           d_model,
-                                           xg.data() + first * d_model,
-                                           d_model,
-                                           kernels::Transpose::kNo,
-                                           w_in_data(e),
-                                           d_ff,
-                                           kernels::Transpose::kNo,
-                                           hidden_pre_.data() + first * d_ff,
-                                           d_ff,
-                                           0.0f};
-    });
+    multiply_blocks(offsets, xg.data(), d_model, w_in_packed_, hidden_pre_.data(), d_ff);
     const bool drop = mode == Mode::kTrain && config_.dropout > 0.0f;
     const detail::CounterRng rng(config_.seed, detail::Stream::kDropout, dropout_calls_);
     if (drop) ++dropout_calls_;
@@ -163,20 +153,7 @@ class FeedForwardBank {
       }
     });
     yg.resize(rows, d_model);
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::GemmProblem<Element>{m,
-                                           d_model,
-                                           d_ff,
-                                           hidden_.data() + first * d_ff,
-                                           d_ff,
-                                           kernels::Transpose::kNo,
-                                           w_out_data(e),
-                                           d_model,
-                                           kernels::Transpose::kNo,
-                                           yg.data() + first * d_model,
-                                           d_model,
-                                           0.0f};
-    });
+    multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), d_model);
     if (config_.bias) {
       for_each_row(offsets, d_model, [&](int e, Eigen::Index r) { yg.row(r) += b_out_[e].row(0); });
     }
@@ -191,6 +168,7 @@ class FeedForwardBank {
     check_blocks(xg, offsets);
     detail::check_shape("dy", dyg, xg.rows(), config_.d_model);
     detail::check_shape("xg", hidden_, xg.rows(), config_.d_ff);
+    refresh_backward_weights();
     const Eigen::Index rows = xg.rows();
     const int d_model = config_.d_model, d_ff = config_.d_ff;
     const Matrix<Element>* dy = &as_element(dyg, dy_element_);  // [rows, d_model]
@@ -201,34 +179,9 @@ class FeedForwardBank {
     }
     Matrix<float>& dhidden = dhidden_;  // [rows, d_ff] dL/dh, reused across calls
     dhidden.resize(rows, d_ff);
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dh = dy * W_out^T
-      return kernels::GemmProblem<Element>{m,
-                                           d_ff,
-                                           d_model,
-                                           dy->data() + first * d_model,
-                                           d_model,
-                                           kernels::Transpose::kNo,
-                                           w_out_data(e),
-                                           d_model,
-                                           kernels::Transpose::kYes,
-                                           dhidden.data() + first * d_ff,
-                                           d_ff,
-                                           0.0f};
-    });
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dW_out += h^T * dy
-      return kernels::GemmProblem<Element>{d_ff,
-                                           d_model,
-                                           m,
-                                           hidden_.data() + first * d_ff,
-                                           d_ff,
-                                           kernels::Transpose::kYes,
-                                           dy->data() + first * d_model,
-                                           d_model,
-                                           kernels::Transpose::kNo,
-                                           grad_w_out_[e].data(),
-                                           d_model,
-                                           1.0f};
-    });
+    // dh = dy * W_out^T; dW_out += h^T * dy
+    multiply_blocks(offsets, dy->data(), d_model, w_out_transposed_, dhidden.data(), d_ff);
+    accumulate_weight_grads(offsets, hidden_.data(), d_ff, dy->data(), d_model, grad_w_out_);
     for_each_row(offsets, d_ff, [&](int, Eigen::Index r) {  // through dropout and activation
       for (int j = 0; j < d_ff; ++j) {
         float g = dhidden(r, j) * Activation::derivative(hidden_pre_(r, j));
@@ -243,39 +196,15 @@ class FeedForwardBank {
       }
     }
     const Matrix<Element>* dpre = &as_element(dhidden, dhidden_element_);  // [rows, d_ff]
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {            // dW_in += x^T * dpre
-      return kernels::GemmProblem<Element>{d_model,
-                                           d_ff,
-                                           m,
-                                           xg.data() + first * d_model,
-                                           d_model,
-                                           kernels::Transpose::kYes,
-                                           dpre->data() + first * d_ff,
-                                           d_ff,
-                                           kernels::Transpose::kNo,
-                                           grad_w_in_[e].data(),
-                                           d_ff,
-                                           1.0f};
-    });
+    // dW_in += x^T * dpre; dx = dpre * W_in^T
+    accumulate_weight_grads(offsets, xg.data(), d_model, dpre->data(), d_ff, grad_w_in_);
     dxg.resize(rows, d_model);
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {  // dx = dpre * W_in^T
-      return kernels::GemmProblem<Element>{m,
-                                           d_model,
-                                           d_ff,
-                                           dpre->data() + first * d_ff,
-                                           d_ff,
-                                           kernels::Transpose::kNo,
-                                           w_in_data(e),
-                                           d_ff,
-                                           kernels::Transpose::kYes,
-                                           dxg.data() + first * d_model,
-                                           d_model,
-                                           0.0f};
-    });
+    multiply_blocks(offsets, dpre->data(), d_ff, w_in_transposed_, dxg.data(), d_model);
   }
 
  private:
   static constexpr bool kElementIsFloat = std::is_same_v<Element, float>;
+  using PackedWeight = kernels::PackedB<Element>;
 
   int check_index(int e) const {
     if (e < 0 || e >= config_.num_ffns) {
@@ -297,29 +226,58 @@ class FeedForwardBank {
     detail::check_shape("x", xg, -1, config_.d_model);
   }
 
-  /// bf16 policies keep Element copies of the float32 masters, refreshed when stale.
-  void refresh_compute_copies() {
-    if constexpr (!kElementIsFloat) {
-      for (int e = 0; e < config_.num_ffns; ++e) {
-        if (!stale_[e] && !exposed_[e]) continue;
-        w_in_compute_[e] = w_in_[e].template cast<Element>();
-        w_out_compute_[e] = w_out_[e].template cast<Element>();
-        stale_[e] = 0;
-      }
+  /// Packs the weights for the forward products (converting to Element) where they changed;
+  /// the transposed packs for backward follow lazily.
+  void refresh_forward_weights() {
+    const int d_model = config_.d_model, d_ff = config_.d_ff;
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      if (!stale_[e] && !exposed_[e]) continue;
+      w_in_packed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kNo, d_model, d_ff);
+      w_out_packed_[e].pack(w_out_[e].data(), d_model, kernels::Transpose::kNo, d_ff, d_model);
+      stale_[e] = 0;
+      transposed_stale_[e] = 1;
     }
   }
 
-  const Element* w_in_data(int e) const {
-    if constexpr (kElementIsFloat)
-      return w_in_[e].data();
-    else
-      return w_in_compute_[e].data();
+  void refresh_backward_weights() {
+    const int d_model = config_.d_model, d_ff = config_.d_ff;
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      if (!transposed_stale_[e]) continue;
+      // W_out^T [d_model, d_ff] and W_in^T [d_ff, d_model].
+      w_out_transposed_[e].pack(w_out_[e].data(), d_model, kernels::Transpose::kYes, d_model, d_ff);
+      w_in_transposed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kYes, d_ff, d_model);
+      transposed_stale_[e] = 0;
+    }
   }
-  const Element* w_out_data(int e) const {
-    if constexpr (kElementIsFloat)
-      return w_out_[e].data();
-    else
-      return w_out_compute_[e].data();
+
+  /// c[block e] = a[block e] * weights[e] for every row block; a is [rows, lda], c [rows, ldc].
+  static void multiply_blocks(const std::vector<int>& offsets, const Element* a, int lda,
+                              const std::vector<PackedWeight>& weights, float* c, int ldc) {
+    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
+      return kernels::PackedGemmProblem<Element>{
+          m,           a + first * lda, lda, kernels::Transpose::kNo,
+          &weights[e], c + first * ldc, ldc, 0.0f};
+    });
+  }
+
+  /// grads[e] += a[block e]^T * b[block e]; a is [rows, lda], b [rows, ldb], grads [lda, ldb].
+  static void accumulate_weight_grads(const std::vector<int>& offsets, const Element* a, int lda,
+                                      const Element* b, int ldb,
+                                      std::vector<Matrix<float>>& grads) {
+    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
+      return kernels::GemmProblem<Element>{lda,
+                                           ldb,
+                                           m,
+                                           a + first * lda,
+                                           lda,
+                                           kernels::Transpose::kYes,
+                                           b + first * ldb,
+                                           ldb,
+                                           kernels::Transpose::kNo,
+                                           grads[e].data(),
+                                           ldb,
+                                           1.0f};
+    });
   }
 
   /// The Element view of a float32 activation: itself for fp32, a converted copy otherwise.
@@ -338,7 +296,8 @@ class FeedForwardBank {
   /// One GEMM per non-empty block, run together so the kernel can balance them across threads.
   template <class MakeProblem>
   static void run_blocks(const std::vector<int>& offsets, const MakeProblem& make) {
-    std::vector<kernels::GemmProblem<Element>> problems;
+    using Problem = std::invoke_result_t<MakeProblem, int, Eigen::Index, int>;
+    std::vector<Problem> problems;
     problems.reserve(offsets.size());
     for (std::size_t e = 0; e + 1 < offsets.size(); ++e) {
       const int m = offsets[e + 1] - offsets[e];
@@ -361,8 +320,11 @@ class FeedForwardBank {
   FeedForwardConfig config_;
   std::vector<Matrix<float>> w_in_, w_out_, b_in_, b_out_;  // float32 masters
   std::vector<Matrix<float>> grad_w_in_, grad_w_out_, grad_b_in_, grad_b_out_;
-  std::vector<Matrix<Element>> w_in_compute_, w_out_compute_;  // used when Element != float
-  std::vector<char> stale_;                                    // compute copy not yet made
+  // Weights packed for the kernels (converted to Element): forward operands W_in, W_out and,
+  // built at the first backward after a change, W_out^T and W_in^T.
+  std::vector<PackedWeight> w_in_packed_, w_out_packed_, w_out_transposed_, w_in_transposed_;
+  std::vector<char> stale_;             // forward packs out of date
+  std::vector<char> transposed_stale_;  // backward packs out of date
   std::vector<char> exposed_;    // a writable reference to the master is out: refresh every forward
   Matrix<float> hidden_pre_;     // [rows, d_ff] pre-activation of the last forward
   Matrix<Element> hidden_;       // [rows, d_ff] activation after dropout
