@@ -16,6 +16,8 @@
 // 600M parameters (2.4 GB fp32 plus gradients) and slow to initialise.
 //
 //   layer_bench --benchmark_min_time=0.2 --benchmark_format=json > layer.json
+// The peak benchmarks of peak.hpp run in the same program, so report.py can express every rate
+// as a percent of the peak measured in the same run.
 
 #include <benchmark/benchmark.h>
 #include <omp.h>
@@ -26,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "peak.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace switchmoe_bench {
