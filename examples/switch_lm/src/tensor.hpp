@@ -21,7 +21,7 @@ struct ParamRef {
   MatrixX<T>* value = nullptr;
   MatrixX<T>* grad = nullptr;
   bool weight_decay =
-      false;  // AdamW decays matrices of linear maps only (not norms, biases, tables)
+      false;              // AdamW decays matrices of linear maps only (not norms, biases, tables)
   double lr_scale = 1.0;  // multiplies the learning rate of this tensor
 };
 

@@ -20,7 +20,7 @@
 namespace switch_lm {
 
 struct TrainConfig {
-  int steps = 3000;
+  int steps = 4000;
   int batch = 32;
   double lr = 3e-3;
   int warmup = 100;
@@ -86,6 +86,9 @@ class Run {
     return train_seconds_ > 0 ? train_tokens_ / train_seconds_ : 0.0;
   }
   double last_train_bits() const { return last_train_bits_; }
+  // Weight of the teacher's soft targets when trained with a teacher (distillation).
+  double teacher_weight() const { return teacher_weight_; }
+  void set_teacher_weight(double w) { teacher_weight_ = w; }
 
   // One optimizer step. With a teacher, the target mixes the labels with the teacher's
   // distribution (weight teacher_weight on the teacher), paper section 4.2.
@@ -108,7 +111,8 @@ class Run {
     if (moe_) {
       for (auto& p : params) {
         if (p.name.find(".router.") != std::string::npos) p.lr_scale = moe_->router_lr_scale;
-        if (p.name.find(".experts.") != std::string::npos) p.weight_decay &= moe_->expert_weight_decay;
+        if (p.name.find(".experts.") != std::string::npos)
+          p.weight_decay &= moe_->expert_weight_decay;
       }
     }
     clip_grad_norm(params, train_.clip_norm);
@@ -289,6 +293,7 @@ class Run {
   double train_seconds_ = 0.0, train_tokens_ = 0.0;
   double train_bits_sum_ = 0.0, last_train_bits_ = 0.0;
   int train_bits_count_ = 0;
+  double teacher_weight_ = 0.0;
   std::vector<EvalPoint> curve_;
   std::vector<ExpertLoad> loads_;
 };
