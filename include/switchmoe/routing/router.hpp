@@ -63,16 +63,22 @@ class Router {
   /// (a fresh draw per call, from the seed) and cached for backward.
   Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
     detail::check_shape("x", x, -1, config_.d_model);
-    const bool jitter = mode == Mode::kTrain && config_.jitter_eps > 0.0f;
-    input_ = x;  // [tokens, d_model]
-    noise_.resize(0, 0);
-    if (jitter) {
-      noise_ = jitter_noise(x.rows(), calls_++);
-      input_.array() *= noise_.array();
+    const float* input = x.data();  // [tokens, d_model] what the router multiplies
+    int input_stride = static_cast<int>(x.outerStride());
+    if (mode == Mode::kTrain) {  // keep the (jittered) input for backward
+      input_ = x;
+      if (config_.jitter_eps > 0.0f) {
+        fill_jitter_noise(x.rows(), calls_++);
+        input_.array() *= noise_.array();
+      } else {
+        noise_.resize(0, 0);
+      }
+      input = input_.data();
+      input_stride = config_.d_model;
     }
     Matrix<float> logits(x.rows(), config_.num_experts);  // [tokens, experts]
-    kernels::gemm<float>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model,
-                          input_.data(), config_.d_model, kernels::Transpose::kNo, weight_.data(),
+    kernels::gemm<float>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model, input,
+                          input_stride, kernels::Transpose::kNo, weight_.data(),
                           config_.num_experts, kernels::Transpose::kNo, logits.data(),
                           config_.num_experts, 0.0f});
     if (config_.bias) logits.rowwise() += bias_.row(0);
@@ -111,18 +117,18 @@ class Router {
  private:
   static constexpr std::uint64_t kInitSubstream = 0;
 
-  /// U(1 - eps, 1 + eps) per element of the input (SEMANTICS 3), drawn from (seed, call).
-  Matrix<float> jitter_noise(Eigen::Index tokens, std::uint64_t call) const {
+  /// noise_ = U(1 - eps, 1 + eps) per element of the input (SEMANTICS 3), drawn from
+  /// (seed, call); refilled in place.
+  void fill_jitter_noise(Eigen::Index tokens, std::uint64_t call) {
     const detail::CounterRng rng(config_.seed, detail::Stream::kJitter, call);
-    Matrix<float> noise(tokens, config_.d_model);
+    noise_.resize(tokens, config_.d_model);
     const float lo = 1.0f - config_.jitter_eps, width = 2.0f * config_.jitter_eps;
     const Eigen::Index d = config_.d_model;
     detail::parallel_for(tokens, 8 * d, [&](Eigen::Index t) {
       for (Eigen::Index j = 0; j < d; ++j) {
-        noise(t, j) = lo + width * rng.uniform(static_cast<std::uint64_t>(t * d + j));
+        noise_(t, j) = lo + width * rng.uniform(static_cast<std::uint64_t>(t * d + j));
       }
     });
-    return noise;
   }
 
   RouterConfig config_;
