@@ -20,7 +20,6 @@
 // as a percent of the peak measured in the same run.
 
 #include <benchmark/benchmark.h>
-#include <malloc.h>
 #include <omp.h>
 
 #include <cstring>
@@ -91,14 +90,18 @@ void run_switch(benchmark::State& state, LayerShape s) {
   auto& layer = cached_layer<switchmoe::SwitchLayer<Policy>>(key, config);
   const Matrix<float> x = random_matrix(s.tokens, s.d_model, 2);
   const Matrix<float> dy = random_matrix(s.tokens, s.d_model, 3);
-  // Untimed warm-up: refreshes the compute copies of the weights and sizes the buffers.
-  layer.forward(x, Mode::kTrain);
-  layer.backward(dy);
+  // Untimed warm-up: refreshes the compute copies of the weights and sizes the buffers; the
+  // timed calls then allocate nothing (tests/layer_allocation_test.cpp).
+  switchmoe::SwitchOutput out;
+  Matrix<float> dx;
+  layer.forward(x, Mode::kTrain, out);
+  layer.backward(dy, dx);
   double kept = 0.0;
   for (auto _ : state) {
-    switchmoe::SwitchOutput out = layer.forward(x, Mode::kTrain);
-    if (s.pass == Pass::kForwardBackward) benchmark::DoNotOptimize(layer.backward(dy).data());
+    layer.forward(x, Mode::kTrain, out);
+    if (s.pass == Pass::kForwardBackward) layer.backward(dy, dx);
     benchmark::DoNotOptimize(out.y.data());
+    benchmark::DoNotOptimize(dx.data());
     kept = (out.routing.slot.array() >= 0).count();
   }
   const double flops_per_choice = 4.0 * s.d_model * s.d_ff;
@@ -127,12 +130,14 @@ void run_dense(benchmark::State& state, LayerShape s, int d_ff_dense) {
   auto& layer = cached_layer<switchmoe::DenseFFN<Policy>>(key, config);
   const Matrix<float> x = random_matrix(s.tokens, s.d_model, 2);
   const Matrix<float> dy = random_matrix(s.tokens, s.d_model, 3);
-  layer.forward(x, Mode::kTrain);  // untimed warm-up, as for the switch layer
-  layer.backward(dy);
+  Matrix<float> y, dx;
+  layer.forward(x, Mode::kTrain, y);  // untimed warm-up, as for the switch layer
+  layer.backward(dy, dx);
   for (auto _ : state) {
-    Matrix<float> y = layer.forward(x, Mode::kTrain);
-    if (s.pass == Pass::kForwardBackward) benchmark::DoNotOptimize(layer.backward(dy).data());
+    layer.forward(x, Mode::kTrain, y);
+    if (s.pass == Pass::kForwardBackward) layer.backward(dy, dx);
     benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
   }
   const double flops =
       4.0 * s.tokens * s.d_model * d_ff_dense * (s.pass == Pass::kForward ? 1.0 : 3.0);
@@ -205,11 +210,6 @@ void register_precision(const char* precision, bool full) {
 }  // namespace switchmoe_bench
 
 int main(int argc, char** argv) {
-  // The layer still sizes some per-call buffers by the number of kept rows, which changes from
-  // call to call; keep large blocks on the heap instead of mmap/munmap-ing (and page-faulting)
-  // them at every call. A reusable workspace in the layer is the real fix.
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);
-  mallopt(M_TRIM_THRESHOLD, 512 << 20);
   bool full = false;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {

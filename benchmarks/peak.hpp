@@ -9,6 +9,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
+#include <cstdlib>
+#include <memory>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -62,6 +66,38 @@ inline void BM_peak_bf16_dot(benchmark::State& state) {
                          benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
 }
 BENCHMARK(BM_peak_bf16_dot)->Name("peak_bf16_dot")->UseRealTime()->Threads(1)->Threads(2);
+#endif
+
+// Memory read bandwidth: every thread streams its own 256 MiB buffer (far beyond the caches),
+// summing it with AVX-512 loads. Counter "GBs" is per thread (kAvgThreads); threads:2 times 2
+// is what both cores get together. The expert weights of a many-expert layer are streamed from
+// memory at every call, so this bounds the time of a call from below (report.py).
+#if defined(__AVX512F__)
+inline void BM_peak_mem_read(benchmark::State& state) {
+  constexpr std::size_t kFloats = std::size_t{64} << 20;  // 256 MiB
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> buffer(
+      static_cast<float*>(std::aligned_alloc(64, kFloats * sizeof(float))));
+  float* data = buffer.get();
+  for (std::size_t i = 0; i < kFloats; ++i) data[i] = 1e-9f * static_cast<float>(i & 1023);
+  for (auto _ : state) {
+    __m512 acc[8];
+    for (__m512& a : acc) a = _mm512_setzero_ps();
+    for (std::size_t i = 0; i < kFloats; i += 128) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_load_ps(data + i + 16 * j));
+    }
+    for (const __m512& a : acc) benchmark::DoNotOptimize(a);
+  }
+  const double bytes = static_cast<double>(kFloats) * sizeof(float);
+  state.counters["GB"] = bytes * 1e-9;  // per iteration of one thread
+  state.counters["GBs"] =
+      benchmark::Counter(bytes * 1e-9 * state.iterations(),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+}
+BENCHMARK(BM_peak_mem_read)->Name("peak_mem_read")->UseRealTime()->Threads(1)->Threads(2);
 #endif
 
 }  // namespace switchmoe_bench

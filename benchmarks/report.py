@@ -195,6 +195,80 @@ def layer_section(runs):
     return lines + [""], chart
 
 
+def bandwidth(runs):
+    """Memory read GB/s of all threads together, per thread count, from peak_mem_read."""
+    result = {}
+    for name, b in runs.items():
+        plain, args = fields(name)
+        if plain and plain[0] == "peak_mem_read" and "GBs" in b:
+            threads = int(args.get("threads", 1))
+            result[threads] = b["GBs"] * threads
+    return result
+
+
+def targets_section(runs, peak):
+    """The speed targets of issue #4, computed from the layer benchmarks of the same run."""
+    time = {}  # (kind, precision, pass, d_model, d_ff, tokens, threads, experts) -> seconds
+    rate = {}
+    for name, b in runs.items():
+        plain, args = fields(name)
+        if len(plain) < 4 or plain[0] != "layer":
+            continue
+        key = (plain[1], plain[2], plain[3], int(args["d_model"]), int(args["d_ff"]),
+               int(args["tokens"]), int(args["threads"]), int(args.get("experts", 1)))
+        time[key] = b["real_time"] * TIME_UNIT_SECONDS[b.get("time_unit", "ns")]
+        rate[key] = b.get("GFLOPS")
+    if not time:
+        return []
+    lines = ["## Issue #4 targets", "",
+             "Wall-clock rates; percentages of the 2-core peak measured in this run.", "",
+             "| target | measured | goal |", "|---|---:|---:|"]
+
+    def pct_of_peak(key):
+        precision, threads = key[1], key[6]
+        if key not in rate or precision not in peak or rate[key] is None:
+            return None
+        return 100.0 * rate[key] / (peak[precision][0] * threads)
+
+    main = ("switch", "fp32", "fwd", 768, 3072, 2048, 2, 8)
+    value = pct_of_peak(main)
+    if value is not None:
+        lines.append("| fp32 forward, 768x3072, 8 experts, 2048 tokens, 2 threads: %% of peak "
+                     "| %.1f%% | >= 80%% |" % value)
+    value = pct_of_peak(main[:2] + ("fwdbwd",) + main[3:])
+    if value is not None:
+        lines.append("| fp32 forward+backward, same problem: %% of peak | %.1f%% | >= 70%% |"
+                     % value)
+    for pass_ in ("fwd", "fwdbwd"):
+        fp32 = main[:2] + (pass_,) + main[3:]
+        bf16 = (main[0], "bf16", pass_) + main[3:]
+        if fp32 in time and bf16 in time:
+            lines.append("| bf16 / fp32 throughput, %s | %.2fx | >= 1.8x |"
+                         % (pass_, time[fp32] / time[bf16]))
+    for precision in ("fp32", "bf16"):
+        switch = ("switch", precision, "fwd") + main[3:]
+        dense = ("dense_same_flops", precision, "fwd") + main[3:7] + (1,)
+        if switch in time and dense in time:
+            lines.append("| %s forward time, Switch (8 experts) / DenseFFN same FLOPs | %.2fx "
+                         "| <= 1.10x |" % (precision, time[switch] / time[dense]))
+    gbs = bandwidth(runs)
+    for key in sorted(k for k in time if k[0] == "switch" and k[2] == "fwd" and k[7] == 128):
+        eight = key[:7] + (8,)
+        if eight not in time:
+            continue
+        note = ""
+        if key[6] in gbs:
+            element_bytes = 4 if key[1] == "fp32" else 2
+            weight_bytes = 128 * 2 * key[3] * key[4] * element_bytes
+            floor = weight_bytes * 1e-9 / gbs[key[6]]
+            note = " (streaming the %.2f GB of expert weights at %.1f GB/s alone: %.2fx)" % (
+                weight_bytes * 1e-9, gbs[key[6]], floor / time[eight])
+        lines.append("| %s forward time per token, 128 / 8 experts, %dx%d, %d tokens, %d "
+                     "threads | %.2fx%s | <= 1.2x |"
+                     % (key[1], key[3], key[4], key[5], key[6], time[key] / time[eight], note))
+    return lines + [""]
+
+
 def plot_matplotlib(gemm_chart, layer_chart, out):
     import matplotlib
     matplotlib.use("Agg")
@@ -335,7 +409,12 @@ def main():
         lines += ["%s, %s CPUs at %s MHz, host %s." % (
             context.get("date", "?"), context.get("num_cpus", "?"),
             context.get("mhz_per_cpu", "?"), context.get("host_name", "?")), ""]
-    lines += gemm_lines + layer_lines
+    gbs = bandwidth(runs)
+    if gbs:
+        lines += ["Memory read bandwidth: " + ", ".join(
+            "%.1f GB/s with %d thread%s" % (gbs[t], t, "s" if t > 1 else "")
+            for t in sorted(gbs)) + ".", ""]
+    lines += targets_section(runs, peak) + gemm_lines + layer_lines
     written = []
     plotter = args.plotter
     if plotter == "auto":

@@ -19,6 +19,7 @@ struct DispatchPlan {
   std::vector<int> token;    // [kept] source token of each gathered row
   std::vector<int> choice;   // [kept] which of the token's k choices it is
   std::vector<int> row;      // [tokens * k] gathered row of (t, c), -1 if dropped
+  std::vector<int> cursor;   // [experts] scratch of make_dispatch_plan, not part of the plan
 
   int num_rows() const { return offsets.empty() ? 0 : offsets.back(); }
   int rows_of(int e) const { return offsets[e + 1] - offsets[e]; }
@@ -57,11 +58,12 @@ inline void check_routing(const Routing& routing, Eigen::Index tokens, int num_e
 
 }  // namespace detail
 
-inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) {
+/// Builds the plan of `routing` into `plan`, reusing its vectors: with the sizes of its previous
+/// plan (or smaller), nothing is allocated.
+inline void make_dispatch_plan(const Routing& routing, int num_experts, DispatchPlan& plan) {
   const Eigen::Index tokens = routing.expert.rows();
   detail::check_routing(routing, tokens, num_experts);
   const int k = static_cast<int>(routing.expert.cols());
-  DispatchPlan plan;
   plan.num_experts = num_experts;
   plan.top_k = k;
   plan.offsets.assign(num_experts + 1, 0);
@@ -71,35 +73,45 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
     }
   }
   for (int e = 0; e < num_experts; ++e) plan.offsets[e + 1] += plan.offsets[e];
+  // Room for every choice, so that a later routing of as many tokens that keeps more of them
+  // still needs no allocation.
+  plan.token.reserve(static_cast<std::size_t>(tokens * k));
+  plan.choice.reserve(static_cast<std::size_t>(tokens * k));
   plan.token.resize(plan.offsets.back());
   plan.choice.resize(plan.offsets.back());
   plan.row.assign(static_cast<std::size_t>(tokens * k), -1);
   // Tokens are visited in order, so within an expert rows follow group order; within a group,
   // by slot, since a counting pass would otherwise reorder ties: place by (group, slot).
-  std::vector<int> next(plan.offsets.begin(), plan.offsets.end() - 1);
+  // cursor[e] is the first row of the current group in expert e's block.
+  std::vector<int>& cursor = plan.cursor;
+  cursor.assign(plan.offsets.begin(), plan.offsets.end() - 1);
   const int g = routing.group_size > 0 ? routing.group_size : static_cast<int>(tokens);
   for (Eigen::Index first = 0; first < tokens; first += g) {
-    std::vector<int> base(next);  // first row of this group in each expert's block
     for (Eigen::Index t = first; t < first + g; ++t) {
       for (int c = 0; c < k; ++c) {
         const int slot = routing.slot(t, c);
         if (slot < 0) continue;
         const int e = routing.expert(t, c);
-        const int r = base[e] + slot;
-        if (slot >= plan.offsets[e + 1] - base[e]) {
+        if (slot >= plan.offsets[e + 1] - cursor[e]) {
           detail::fail("routing.slot(", t, ", ", c, ") is ", slot, ", expected slots of expert ", e,
                        " in its group to be distinct and dense");
         }
+        const int r = cursor[e] + slot;
         plan.token[r] = static_cast<int>(t);
         plan.choice[r] = c;
         plan.row[t * k + c] = r;
-        ++next[e];
+      }
+    }
+    // The group's rows of each expert end where the next group's begin.
+    for (Eigen::Index t = first; t < first + g; ++t) {
+      for (int c = 0; c < k; ++c) {
+        if (routing.slot(t, c) >= 0) ++cursor[routing.expert(t, c)];
       }
     }
   }
   // Every row must have been written exactly once: counts per expert match and slots are dense.
   for (int e = 0; e < num_experts; ++e) {
-    if (next[e] != plan.offsets[e + 1]) {
+    if (cursor[e] != plan.offsets[e + 1]) {
       detail::fail("routing.slot of expert ", e, " is inconsistent: slots must be distinct");
     }
   }
@@ -110,6 +122,11 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
       detail::fail("routing.slot is inconsistent: two choices share slot ", r);
     }
   }
+}
+
+inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) {
+  DispatchPlan plan;
+  make_dispatch_plan(routing, num_experts, plan);
   return plan;
 }
 
@@ -123,8 +140,8 @@ void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan, 
 }
 
 /// y[t] = sum over kept choices c, in order: gate(t, c) * yg[row(t, c)]; 0 if all dropped.
-inline void combine(const Matrix<float>& yg, const DispatchPlan& plan, const Routing& routing,
-                    Matrix<float>& y) {
+inline void combine(const Eigen::Ref<const Matrix<float>>& yg, const DispatchPlan& plan,
+                    const Routing& routing, Matrix<float>& y) {
   const Eigen::Index tokens = routing.expert.rows();
   y.resize(tokens, yg.cols());
   detail::parallel_for(tokens, yg.cols() * plan.top_k, [&](Eigen::Index t) {

@@ -7,16 +7,19 @@
 // Element type stores the packed compute copies of the weights and the activations that enter a
 // matrix product (x, hidden, dy, dhidden); every product accumulates in float32.
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "switchmoe/core/buffer.hpp"
 #include "switchmoe/core/init.hpp"
 #include "switchmoe/core/parallel.hpp"
 #include "switchmoe/core/parameter.hpp"
 #include "switchmoe/core/precision.hpp"
 #include "switchmoe/core/random.hpp"
+#include "switchmoe/kernels/convert.hpp"
 #include "switchmoe/kernels/gemm.hpp"
 #include "switchmoe/kernels/packed_b.hpp"
 
@@ -57,6 +60,7 @@ class FeedForwardBank {
     grad_w_in_.resize(n), grad_w_out_.resize(n), grad_b_in_.resize(n), grad_b_out_.resize(n);
     w_in_packed_.resize(n), w_out_packed_.resize(n);
     w_in_transposed_.resize(n), w_out_transposed_.resize(n);
+    packed_problems_.reserve(n), plain_problems_.reserve(n), block_expert_.reserve(n);
     stale_.assign(n, 1);
     transposed_stale_.assign(n, 1);
     exposed_.assign(n, 0);
@@ -117,89 +121,134 @@ class FeedForwardBank {
     }
   }
 
-  /// Runs FFN e on rows [offsets[e], offsets[e+1]) of xg [rows, d_model]; returns yg
+  /// Sizes the per-call buffers for up to `rows` rows, so that later calls with at most that
+  /// many rows allocate nothing.
+  void reserve_rows(Eigen::Index rows) {
+    const Eigen::Index hidden = rows * config_.d_ff;
+    hidden_pre_.reserve(hidden);
+    hidden_.reserve(hidden);
+    dhidden_.reserve(hidden);
+    if (config_.dropout > 0.0f) dropout_scale_.reserve(hidden);
+    if constexpr (!kElementIsFloat) {
+      dhidden_element_.reserve(hidden);
+      dy_element_.reserve(rows * config_.d_model);
+    }
+  }
+
+  /// Runs FFN e on rows [offsets[e], offsets[e+1]) of xg [rows, d_model] and writes yg
   /// [rows, d_model] in float32. `row_keys` (one per row, or empty for the row index) name the
   /// rows for the dropout draw, so masks do not depend on how rows were laid out.
   /// In Mode::kTrain the hidden activations are kept for backward.
-  void forward(const Matrix<Element>& xg, const std::vector<int>& offsets, Mode mode,
-               const std::vector<std::uint64_t>& row_keys, Matrix<float>& yg) {
-    check_blocks(xg, offsets);
-    refresh_forward_weights();
+  void forward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
+               Mode mode, const std::vector<std::uint64_t>& row_keys,
+               Eigen::Ref<Matrix<float>> yg) {
+    check_blocks(xg.rows(), offsets);
+    detail::check_shape("x", xg, -1, config_.d_model);
+    detail::check_shape("y", yg, xg.rows(), config_.d_model);
     const Eigen::Index rows = xg.rows();
-    const int d_model = config_.d_model, d_ff = config_.d_ff;
-    hidden_pre_.resize(rows, d_ff);  // [rows, d_ff] x * W_in, float32
-    multiply_blocks(offsets, xg.data(), d_model, w_in_packed_, hidden_pre_.data(), d_ff);
+    if (!row_keys.empty() && static_cast<Eigen::Index>(row_keys.size()) != rows) {
+      detail::fail("row_keys has ", row_keys.size(), " entries, expected 0 or ", rows);
+    }
+    refresh_forward_weights();
+    const int d_ff = config_.d_ff;
     const bool drop = mode == Mode::kTrain && config_.dropout > 0.0f;
     const detail::CounterRng rng(config_.seed, detail::Stream::kDropout, dropout_calls_);
     if (drop) ++dropout_calls_;
-    dropout_scale_.resize(drop ? rows : 0, d_ff);  // [rows, d_ff] 0 or 1 / (1 - p)
-    hidden_.resize(rows, d_ff);                    // [rows, d_ff] act(x W_in + b_in), Element
-    const float keep_scale = 1.0f / (1.0f - config_.dropout);
-    for_each_row(offsets, d_ff, [&](int e, Eigen::Index r) {
-      float* pre = hidden_pre_.data() + r * d_ff;
-      Element* out = hidden_.data() + r * d_ff;
-      if (config_.bias) {
-        for (int j = 0; j < d_ff; ++j) pre[j] += b_in_[e](0, j);
-      }
-      const std::uint64_t key = row_keys.empty() ? static_cast<std::uint64_t>(r) : row_keys[r];
-      for (int j = 0; j < d_ff; ++j) {
-        float h = Activation::value(pre[j]);
-        if (drop) {
-          const float s = rng.uniform(key * d_ff + j) < config_.dropout ? 0.0f : keep_scale;
-          dropout_scale_(r, j) = s;
-          h *= s;
-        }
-        out[j] = static_cast<Element>(h);
-      }
-    });
-    yg.resize(rows, d_model);
-    multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), d_model);
+    hidden_pre_.resize(rows, d_ff);                // x * W_in + b_in, float32
+    hidden_.resize(rows, d_ff);                    // act(...) after dropout, Element
+    dropout_scale_.resize(drop ? rows : 0, d_ff);  // 0 or 1 / (1 - p)
+    // h = dropout(act(x W_in + b_in)), computed block by block as the product finishes.
+    multiply_blocks(offsets, xg.data(), static_cast<int>(xg.outerStride()), w_in_packed_,
+                    hidden_pre_.data(), d_ff, [&](int e, Eigen::Index r, int j0, int cols) {
+                      const std::uint64_t key =
+                          row_keys.empty() ? static_cast<std::uint64_t>(r) : row_keys[r];
+                      finish_hidden(e, r, j0, cols, drop ? &rng : nullptr, key);
+                    });
+    const int ldy = static_cast<int>(yg.outerStride());
     if (config_.bias) {
-      for_each_row(offsets, d_model, [&](int e, Eigen::Index r) { yg.row(r) += b_out_[e].row(0); });
+      multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), ldy,
+                      [&](int e, Eigen::Index r, int j0, int cols) {
+                        float* y = yg.data() + r * ldy + j0;
+                        const float* b = b_out_[e].data() + j0;
+                        for (int j = 0; j < cols; ++j) y[j] += b[j];
+                      });
+    } else {
+      multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), ldy, NoFinish());
     }
     has_forward_ = mode == Mode::kTrain;
   }
 
+  /// Resizes yg to [rows, d_model], then forward as above.
+  void forward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
+               Mode mode, const std::vector<std::uint64_t>& row_keys, Matrix<float>& yg) {
+    yg.resize(xg.rows(), config_.d_model);
+    forward(xg, offsets, mode, row_keys, Eigen::Ref<Matrix<float>>(yg));
+  }
+
   /// Given xg of the last training forward and dyg [rows, d_model], accumulates the parameter
-  /// gradients and returns dxg [rows, d_model].
-  void backward(const Matrix<Element>& xg, const std::vector<int>& offsets,
-                const Matrix<float>& dyg, Matrix<float>& dxg) {
+  /// gradients and writes dxg [rows, d_model].
+  void backward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
+                const Eigen::Ref<const Matrix<float>>& dyg, Eigen::Ref<Matrix<float>> dxg) {
     if (!has_forward_) detail::fail("backward called before a Mode::kTrain forward");
-    check_blocks(xg, offsets);
+    check_blocks(xg.rows(), offsets);
+    detail::check_shape("x", xg, -1, config_.d_model);
     detail::check_shape("dy", dyg, xg.rows(), config_.d_model);
-    detail::check_shape("xg", hidden_, xg.rows(), config_.d_ff);
+    detail::check_shape("x (rows of the last training forward)", xg, hidden_.rows(), -1);
+    detail::check_shape("dx", dxg, xg.rows(), config_.d_model);
     refresh_backward_weights();
     const Eigen::Index rows = xg.rows();
     const int d_model = config_.d_model, d_ff = config_.d_ff;
-    const Matrix<Element>* dy = &as_element(dyg, dy_element_);  // [rows, d_model]
+    const int ldx = static_cast<int>(xg.outerStride());
+    // dy as Element: itself for fp32, a converted copy for bf16.
+    const Element* dy = nullptr;
+    int ldd = d_model;
+    if constexpr (kElementIsFloat) {
+      dy = dyg.data();
+      ldd = static_cast<int>(dyg.outerStride());
+    } else {
+      dy_element_.resize(rows, d_model);
+      detail::parallel_for(rows, d_model, [&](Eigen::Index r) {
+        kernels::convert_row(dyg.data() + r * dyg.outerStride(), dy_element_.data() + r * d_model,
+                             d_model);
+      });
+      dy = dy_element_.data();
+    }
     if (config_.bias) {
       for (int e = 0; e < config_.num_ffns; ++e) {
         grad_b_out_[e] += dyg.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
-    Matrix<float>& dhidden = dhidden_;  // [rows, d_ff] dL/dh, reused across calls
-    dhidden.resize(rows, d_ff);
-    // dh = dy * W_out^T; dW_out += h^T * dy
-    multiply_blocks(offsets, dy->data(), d_model, w_out_transposed_, dhidden.data(), d_ff);
-    accumulate_weight_grads(offsets, hidden_.data(), d_ff, dy->data(), d_model, grad_w_out_);
-    for_each_row(offsets, d_ff, [&](int, Eigen::Index r) {  // through dropout and activation
-      for (int j = 0; j < d_ff; ++j) {
-        float g = dhidden(r, j) * Activation::derivative(hidden_pre_(r, j));
-        if (dropout_scale_.size() > 0) g *= dropout_scale_(r, j);
-        dhidden(r, j) = g;
-      }
-    });
+    // dh = dy * W_out^T, then through dropout and the activation (in place), block by block.
+    dhidden_.resize(rows, d_ff);
+    if constexpr (!kElementIsFloat) dhidden_element_.resize(rows, d_ff);
+    multiply_blocks(offsets, dy, ldd, w_out_transposed_, dhidden_.data(), d_ff,
+                    [&](int, Eigen::Index r, int j0, int cols) { finish_dhidden(r, j0, cols); });
+    // dW_out += h^T * dy
+    accumulate_weight_grads(offsets, hidden_.data(), d_ff, dy, ldd, grad_w_out_);
     if (config_.bias) {
+      const auto dhidden = dhidden_.view();
       for (int e = 0; e < config_.num_ffns; ++e) {
         grad_b_in_[e] +=
             dhidden.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
-    const Matrix<Element>* dpre = &as_element(dhidden, dhidden_element_);  // [rows, d_ff]
+    const Element* dpre = nullptr;  // [rows, d_ff] dL/d(x W_in + b_in) as Element
+    if constexpr (kElementIsFloat) {
+      dpre = dhidden_.data();
+    } else {
+      dpre = dhidden_element_.data();
+    }
     // dW_in += x^T * dpre; dx = dpre * W_in^T
-    accumulate_weight_grads(offsets, xg.data(), d_model, dpre->data(), d_ff, grad_w_in_);
-    dxg.resize(rows, d_model);
-    multiply_blocks(offsets, dpre->data(), d_ff, w_in_transposed_, dxg.data(), d_model);
+    accumulate_weight_grads(offsets, xg.data(), ldx, dpre, d_ff, grad_w_in_);
+    multiply_blocks(offsets, dpre, d_ff, w_in_transposed_, dxg.data(),
+                    static_cast<int>(dxg.outerStride()), NoFinish());
+  }
+
+  /// Resizes dxg to [rows, d_model], then backward as above.
+  void backward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
+                const Eigen::Ref<const Matrix<float>>& dyg, Matrix<float>& dxg) {
+    dxg.resize(xg.rows(), config_.d_model);
+    backward(xg, offsets, dyg, Eigen::Ref<Matrix<float>>(dxg));
   }
 
  private:
@@ -218,12 +267,17 @@ class FeedForwardBank {
     return m;
   }
 
-  void check_blocks(const Matrix<Element>& xg, const std::vector<int>& offsets) const {
+  void check_blocks(Eigen::Index rows, const std::vector<int>& offsets) const {
     if (static_cast<int>(offsets.size()) != config_.num_ffns + 1 || offsets.front() != 0 ||
-        offsets.back() != xg.rows()) {
-      detail::fail("row blocks: expected ", config_.num_ffns + 1, " offsets from 0 to ", xg.rows());
+        offsets.back() != rows) {
+      detail::fail("row blocks: expected ", config_.num_ffns + 1, " offsets from 0 to ", rows);
     }
-    detail::check_shape("x", xg, -1, config_.d_model);
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      if (offsets[e + 1] < offsets[e]) {
+        detail::fail("row blocks: offsets[", e + 1, "] = ", offsets[e + 1], " is below offsets[", e,
+                     "] = ", offsets[e]);
+      }
+    }
   }
 
   /// Packs the weights for the forward products (converting to Element) where they changed;
@@ -250,71 +304,99 @@ class FeedForwardBank {
     }
   }
 
+  struct NoFinish {
+    void operator()(int, Eigen::Index, int, int) const {}
+  };
+
+  /// Bias, activation and dropout of hidden row r, columns [j0, j0 + cols), of expert e: reads
+  /// the product from hidden_pre_, leaves x W_in + b_in there and writes h to hidden_.
+  void finish_hidden(int e, Eigen::Index r, int j0, int cols, const detail::CounterRng* dropout,
+                     std::uint64_t key) {
+    const int d_ff = config_.d_ff;
+    float* pre = hidden_pre_.data() + r * d_ff + j0;
+    Element* out = hidden_.data() + r * d_ff + j0;
+    if (config_.bias) {
+      const float* b = b_in_[e].data() + j0;
+      for (int j = 0; j < cols; ++j) pre[j] += b[j];
+    }
+    const float keep_scale = 1.0f / (1.0f - config_.dropout);
+    constexpr int kChunk = 64;
+    alignas(64) float h[kChunk];
+    for (int c0 = 0; c0 < cols; c0 += kChunk) {
+      const int n = std::min(kChunk, cols - c0);
+      for (int j = 0; j < n; ++j) h[j] = Activation::value(pre[c0 + j]);
+      if (dropout != nullptr) {
+        float* scale = dropout_scale_.data() + r * d_ff + j0 + c0;
+        for (int j = 0; j < n; ++j) {
+          const std::uint64_t unit = key * d_ff + static_cast<std::uint64_t>(j0 + c0 + j);
+          scale[j] = dropout->uniform(unit) < config_.dropout ? 0.0f : keep_scale;
+          h[j] *= scale[j];
+        }
+      }
+      kernels::convert_row(h, out + c0, n);
+    }
+  }
+
+  /// dL/dh -> dL/d(x W_in + b_in) for row r, columns [j0, j0 + cols), in place in dhidden_ (and
+  /// converted into dhidden_element_ for bf16).
+  void finish_dhidden(Eigen::Index r, int j0, int cols) {
+    const int d_ff = config_.d_ff;
+    float* g = dhidden_.data() + r * d_ff + j0;
+    const float* pre = hidden_pre_.data() + r * d_ff + j0;
+    for (int j = 0; j < cols; ++j) g[j] *= Activation::derivative(pre[j]);
+    if (dropout_scale_.size() > 0) {
+      const float* scale = dropout_scale_.data() + r * d_ff + j0;
+      for (int j = 0; j < cols; ++j) g[j] *= scale[j];
+    }
+    if constexpr (!kElementIsFloat) {
+      kernels::convert_row(g, dhidden_element_.data() + r * d_ff + j0, cols);
+    }
+  }
+
   /// c[block e] = a[block e] * weights[e] for every row block; a is [rows, lda], c [rows, ldc].
-  static void multiply_blocks(const std::vector<int>& offsets, const Element* a, int lda,
-                              const std::vector<PackedWeight>& weights, float* c, int ldc) {
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::PackedGemmProblem<Element>{
-          m,           a + first * lda, lda, kernels::Transpose::kNo,
-          &weights[e], c + first * ldc, ldc, 0.0f};
-    });
-  }
-
-  /// grads[e] += a[block e]^T * b[block e]; a is [rows, lda], b [rows, ldb], grads [lda, ldb].
-  static void accumulate_weight_grads(const std::vector<int>& offsets, const Element* a, int lda,
-                                      const Element* b, int ldb,
-                                      std::vector<Matrix<float>>& grads) {
-    run_blocks(offsets, [&](int e, Eigen::Index first, int m) {
-      return kernels::GemmProblem<Element>{lda,
-                                           ldb,
-                                           m,
-                                           a + first * lda,
-                                           lda,
-                                           kernels::Transpose::kYes,
-                                           b + first * ldb,
-                                           ldb,
-                                           kernels::Transpose::kNo,
-                                           grads[e].data(),
-                                           ldb,
-                                           1.0f};
-    });
-  }
-
-  /// The Element view of a float32 activation: itself for fp32, a converted copy otherwise.
-  static const Matrix<Element>& as_element(const Matrix<float>& m, Matrix<Element>& buffer) {
-    if constexpr (kElementIsFloat) {
-      return m;
-    } else {
-      buffer.resize(m.rows(), m.cols());
-      detail::parallel_for(m.rows(), m.cols(), [&](Eigen::Index r) {
-        buffer.row(r) = m.row(r).template cast<Element>();
-      });
-      return buffer;
-    }
-  }
-
-  /// One GEMM per non-empty block, run together so the kernel can balance them across threads.
-  template <class MakeProblem>
-  static void run_blocks(const std::vector<int>& offsets, const MakeProblem& make) {
-    using Problem = std::invoke_result_t<MakeProblem, int, Eigen::Index, int>;
-    std::vector<Problem> problems;
-    problems.reserve(offsets.size());
-    for (std::size_t e = 0; e + 1 < offsets.size(); ++e) {
+  /// `finish(e, r, j0, cols)` runs on row r (of block e), columns [j0, j0 + cols), of c once its
+  /// product is complete.
+  template <class Finish>
+  void multiply_blocks(const std::vector<int>& offsets, const Element* a, int lda,
+                       const std::vector<PackedWeight>& weights, float* c, int ldc,
+                       const Finish& finish) {
+    packed_problems_.clear();
+    block_expert_.clear();
+    for (int e = 0; e < config_.num_ffns; ++e) {
       const int m = offsets[e + 1] - offsets[e];
-      if (m > 0) problems.push_back(make(static_cast<int>(e), offsets[e], m));
+      if (m == 0) continue;
+      const Eigen::Index first = offsets[e];
+      packed_problems_.push_back(
+          kernels::PackedGemmProblem<Element>{m, a + first * lda, lda, kernels::Transpose::kNo,
+                                              &weights[e], c + first * ldc, ldc, 0.0f});
+      block_expert_.push_back(e);
     }
-    if (!problems.empty()) kernels::gemm_batch(problems);
+    if (packed_problems_.empty()) return;
+    if constexpr (std::is_same_v<Finish, NoFinish>) {
+      kernels::gemm_batch(packed_problems_);
+    } else {
+      kernels::gemm_batch(packed_problems_, [&](int problem, int i0, int rows, int j0, int cols) {
+        const int e = block_expert_[problem];
+        for (int i = i0; i < i0 + rows; ++i) finish(e, offsets[e] + i, j0, cols);
+      });
+    }
   }
 
-  /// body(e, r) for every row r of every block e.
-  template <class Body>
-  static void for_each_row(const std::vector<int>& offsets, int width, const Body& body) {
-    const Eigen::Index rows = offsets.back();
-    std::vector<int> owner(static_cast<std::size_t>(rows));
-    for (std::size_t e = 0; e + 1 < offsets.size(); ++e) {
-      for (int r = offsets[e]; r < offsets[e + 1]; ++r) owner[r] = static_cast<int>(e);
+  /// grads[e] += a[block e]^T * b[block e]; a is [rows, lda], b [rows, ldb], grads [cols of a,
+  /// cols of b] (a has d_model or d_ff columns, as many as grads[e] has rows).
+  void accumulate_weight_grads(const std::vector<int>& offsets, const Element* a, int lda,
+                               const Element* b, int ldb, std::vector<Matrix<float>>& grads) {
+    plain_problems_.clear();
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      const int m = offsets[e + 1] - offsets[e];
+      if (m == 0) continue;
+      const Eigen::Index first = offsets[e];
+      plain_problems_.push_back(kernels::GemmProblem<Element>{
+          static_cast<int>(grads[e].rows()), static_cast<int>(grads[e].cols()), m, a + first * lda,
+          lda, kernels::Transpose::kYes, b + first * ldb, ldb, kernels::Transpose::kNo,
+          grads[e].data(), static_cast<int>(grads[e].cols()), 1.0f});
     }
-    detail::parallel_for(rows, width, [&](Eigen::Index r) { body(owner[r], r); });
+    if (!plain_problems_.empty()) kernels::gemm_batch(plain_problems_);
   }
 
   FeedForwardConfig config_;
@@ -325,12 +407,16 @@ class FeedForwardBank {
   std::vector<PackedWeight> w_in_packed_, w_out_packed_, w_out_transposed_, w_in_transposed_;
   std::vector<char> stale_;             // forward packs out of date
   std::vector<char> transposed_stale_;  // backward packs out of date
-  std::vector<char> exposed_;    // a writable reference to the master is out: refresh every forward
-  Matrix<float> hidden_pre_;     // [rows, d_ff] pre-activation of the last forward
-  Matrix<Element> hidden_;       // [rows, d_ff] activation after dropout
-  Matrix<float> dropout_scale_;  // [rows, d_ff] or empty
-  Matrix<float> dhidden_;        // [rows, d_ff] backward workspace
-  Matrix<Element> dy_element_, dhidden_element_;
+  std::vector<char> exposed_;  // a writable reference to the master is out: refresh every forward
+  // Per-call buffers, kept between calls (grow only).
+  detail::RowBuffer<float> hidden_pre_;     // [rows, d_ff] x W_in + b_in of the last forward
+  detail::RowBuffer<Element> hidden_;       // [rows, d_ff] activation after dropout
+  detail::RowBuffer<float> dropout_scale_;  // [rows, d_ff] or empty
+  detail::RowBuffer<float> dhidden_;        // [rows, d_ff] backward: dL/dh, then dL/dpre
+  detail::RowBuffer<Element> dhidden_element_, dy_element_;  // bf16 copies for the products
+  std::vector<kernels::PackedGemmProblem<Element>> packed_problems_;
+  std::vector<kernels::GemmProblem<Element>> plain_problems_;
+  std::vector<int> block_expert_;  // expert of each packed problem
   std::uint64_t dropout_calls_ = 0;
   bool has_forward_ = false;
 };

@@ -80,8 +80,10 @@ void validate(const GemmProblem<T>& p, std::size_t index, bool check_b = true) {
   check_size("m", p.m);
   check_size("n", p.n);
   check_size("k", p.k);
+  // min_ld_name and transpose describe the bound in the message; the strings are built only
+  // when a check fails, so valid calls allocate nothing.
   auto check_operand = [&](const char* name, const void* ptr, const char* ld_name, int ld,
-                           int min_ld, const std::string& min_ld_text, bool used) {
+                           int min_ld, const char* min_ld_name, const char* transpose, bool used) {
     if (!used) return;
     if (ptr == nullptr) {
       throw_bad_problem(index,
@@ -91,18 +93,18 @@ void validate(const GemmProblem<T>& p, std::size_t index, bool check_b = true) {
     }
     if (ld < min_ld) {
       throw_bad_problem(index, std::string(ld_name) + " = " + std::to_string(ld) +
-                                   ", expected >= " + min_ld_text + " = " + std::to_string(min_ld));
+                                   ", expected >= " + min_ld_name + transpose + " = " +
+                                   std::to_string(min_ld));
     }
   };
   const bool ta = p.trans_a == Transpose::kYes;
   const bool tb = p.trans_b == Transpose::kYes;
-  check_operand("a", p.a, "lda", p.lda, ta ? p.m : p.k,
-                std::string(ta ? "m" : "k") + " (trans_a = " + transpose_name(p.trans_a) + ")",
-                p.m > 0 && p.n > 0 && p.k > 0);
-  check_operand("b", p.b, "ldb", p.ldb, tb ? p.k : p.n,
-                std::string(tb ? "k" : "n") + " (trans_b = " + transpose_name(p.trans_b) + ")",
+  check_operand("a", p.a, "lda", p.lda, ta ? p.m : p.k, ta ? "m" : "k",
+                ta ? " (trans_a = kYes)" : " (trans_a = kNo)", p.m > 0 && p.n > 0 && p.k > 0);
+  check_operand("b", p.b, "ldb", p.ldb, tb ? p.k : p.n, tb ? "k" : "n",
+                tb ? " (trans_b = kYes)" : " (trans_b = kNo)",
                 check_b && p.m > 0 && p.n > 0 && p.k > 0);
-  check_operand("c", p.c, "ldc", p.ldc, p.n, "n", p.m > 0 && p.n > 0);
+  check_operand("c", p.c, "ldc", p.ldc, p.n, "n", "", p.m > 0 && p.n > 0);
   if (!std::isfinite(p.beta)) {
     throw_bad_problem(index, "beta = " + std::to_string(p.beta) + ", expected a finite value");
   }
@@ -166,9 +168,11 @@ void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
 // One output tile: rows [i0, i0 + rows) and columns [j0, j0 + nc) of C over the whole k range.
 // For each k block (in increasing k), the B block is packed once and reused by every
 // kMc-row block of the tile; `b_panels(p0, kc, j0, nc)` returns that packed B block.
-template <class Kernel, class T, class BPanels>
+// When the last k block of a kMc-row block is done, `finish(i, rows, j0, nc)` runs on that block
+// of C (rows [i, i + rows), columns [j0, j0 + nc)) while it is still in cache.
+template <class Kernel, class T, class BPanels, class Finish>
 void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
-                  typename Kernel::Packed* a_pack, const BPanels& b_panels) {
+                  typename Kernel::Packed* a_pack, const BPanels& b_panels, const Finish& finish) {
   using Packed = typename Kernel::Packed;
   const OperandView<T> a = view_a(p);
   for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
@@ -192,6 +196,7 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
                       std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr));
         }
       }
+      if (p0 + kc == p.k) finish(i0 + ic, mc, j0, nc);
     }
   }
 }
@@ -208,12 +213,13 @@ inline void scale_output(float* c, int ldc, int m, int n, float beta) {
   }
 }
 
-// A unit of parallel work: rows [i0, i0 + rows) x columns [j0, j0 + kNc) of one problem.
+// A unit of parallel work: rows [i0, i0 + rows) x columns [j0, j0 + cols) of one problem.
 struct Tile {
   int problem;
   int i0;
   int rows;
   int j0;
+  int cols;
 };
 
 template <class Kernel>
@@ -235,34 +241,59 @@ inline constexpr int kTilesPerThread = 6;
 // Cuts every problem into tiles. Tile shapes may depend on the thread count: they change which
 // thread computes an element, never the order of its operations (k blocks always run in
 // increasing order inside one tile), so results stay bitwise identical.
-template <class Kernel, class T>
-void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads,
-                std::vector<Tile>& tiles) {
-  long long row_blocks = 0;  // kMc x kNc blocks of all problems
+//
+// With B packed inside the tile (`b_prepacked` false), a tile spans kNc columns and up to
+// kMaxRowBlocksPerTile row blocks, so that one packed B block serves many rows. With a
+// pre-packed B nothing is packed per tile except A, so tiles are one row block high and as wide
+// as the thread count allows (all n when there are enough row blocks): each packed A block
+// then serves every column.
+template <class Kernel, class T, class Epilogue>
+void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, bool b_prepacked,
+                std::vector<Tile>& tiles, const Epilogue& epilogue) {
+  long long row_blocks = 0;  // kMc-row blocks of all problems
+  long long blocks = 0;      // kMc x kNc blocks of all problems
   for (std::size_t i = 0; i < count; ++i) {
     const GemmProblem<T>& p = problems[i];
     if (p.m == 0 || p.n == 0 || p.k == 0) continue;
-    row_blocks += static_cast<long long>((p.m + Kernel::kMc - 1) / Kernel::kMc) *
-                  ((p.n + Kernel::kNc - 1) / Kernel::kNc);
+    const long long rb = (p.m + Kernel::kMc - 1) / Kernel::kMc;
+    row_blocks += rb;
+    blocks += rb * ((p.n + Kernel::kNc - 1) / Kernel::kNc);
   }
   const long long wanted_tiles = static_cast<long long>(kTilesPerThread) * threads;
-  const int blocks_per_tile = static_cast<int>(
-      std::clamp<long long>(row_blocks / std::max(1LL, wanted_tiles), 1, kMaxRowBlocksPerTile));
+  const int blocks_per_tile =
+      b_prepacked ? 1
+                  : static_cast<int>(std::clamp<long long>(blocks / std::max(1LL, wanted_tiles), 1,
+                                                           kMaxRowBlocksPerTile));
   const int max_tile_rows = blocks_per_tile * Kernel::kMc;  // a multiple of kMr
+  const long long column_splits =
+      (wanted_tiles + std::max(1LL, row_blocks) - 1) / std::max(1LL, row_blocks);
+  // An upper bound of the tiles below; growing with slack lets the tile list settle after a few
+  // calls whose row counts vary, so that steady-state calls allocate nothing.
+  const std::size_t most_tiles =
+      static_cast<std::size_t>(b_prepacked ? row_blocks * column_splits : blocks);
+  if (tiles.capacity() < most_tiles) tiles.reserve(most_tiles + most_tiles / 2);
   for (std::size_t i = 0; i < count; ++i) {
     const GemmProblem<T>& p = problems[i];
     if (p.m == 0 || p.n == 0) continue;
-    if (p.k == 0) {
+    if (p.k == 0) {  // nothing to multiply: C = beta * C, then the epilogue
       scale_output(p.c, p.ldc, p.m, p.n, p.beta);
+      epilogue(static_cast<int>(i), 0, p.m, 0, p.n);
       continue;
     }
     // Even row tiles (rounded to the register tile), rather than full tiles and a thin rest.
     const int row_tiles = (p.m + max_tile_rows - 1) / max_tile_rows;
     const int even_rows = (p.m + row_tiles - 1) / row_tiles;
     const int tile_rows = (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
+    int tile_cols = Kernel::kNc;
+    if (b_prepacked) {  // n split evenly into column_splits parts, in whole kNr panels
+      const int panels = (p.n + Kernel::kNr - 1) / Kernel::kNr;
+      const int splits = static_cast<int>(std::min<long long>(column_splits, panels));
+      tile_cols = (panels + splits - 1) / splits * Kernel::kNr;
+    }
     for (int i0 = 0; i0 < p.m; i0 += tile_rows) {
-      for (int j0 = 0; j0 < p.n; j0 += Kernel::kNc) {
-        tiles.push_back(Tile{static_cast<int>(i), i0, std::min(tile_rows, p.m - i0), j0});
+      for (int j0 = 0; j0 < p.n; j0 += tile_cols) {
+        tiles.push_back(Tile{static_cast<int>(i), i0, std::min(tile_rows, p.m - i0), j0,
+                             std::min(tile_cols, p.n - j0)});
       }
     }
   }
@@ -270,9 +301,9 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads,
 
 // Runs `tiles` in one OpenMP loop; `b_panels_for(problem_index, b_scratch)` returns the
 // B-block provider of a problem (packing into the thread's scratch, or a pre-packed B).
-template <class Kernel, class T, class BPanelsFor>
+template <class Kernel, class T, class BPanelsFor, class Epilogue>
 void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
-               const BPanelsFor& b_panels_for) {
+               const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
   using Packed = typename Kernel::Packed;
   const int count = static_cast<int>(tiles.size());
 #pragma omp parallel for schedule(dynamic, 1)
@@ -283,8 +314,9 @@ void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
         static_cast<Packed*>(ws.b.reserve(b_block_elements<Kernel>() * sizeof(Packed)));
     const Tile tile = tiles[t];
     const GemmProblem<T>& p = problems[tile.problem];
-    compute_tile<Kernel>(p, tile.i0, tile.rows, tile.j0, std::min(Kernel::kNc, p.n - tile.j0),
-                         a_pack, b_panels_for(tile.problem, b_scratch));
+    compute_tile<Kernel>(
+        p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
+        [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
   }
 }
 
@@ -296,13 +328,19 @@ inline std::vector<Tile>& thread_tiles() {
 }
 
 // Cuts the problems into tiles and runs them; `b_panels_for` as in run_tiles.
-template <class Kernel, class T, class BPanelsFor>
-void run_problems(const GemmProblem<T>* problems, std::size_t count,
-                  const BPanelsFor& b_panels_for) {
+template <class Kernel, class T, class BPanelsFor, class Epilogue>
+void run_problems(const GemmProblem<T>* problems, std::size_t count, bool b_prepacked,
+                  const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
   std::vector<Tile>& tiles = thread_tiles();
-  make_tiles<Kernel>(problems, count, omp_in_parallel() ? 1 : omp_get_max_threads(), tiles);
-  if (!tiles.empty()) run_tiles<Kernel>(problems, tiles, b_panels_for);
+  make_tiles<Kernel>(problems, count, omp_in_parallel() ? 1 : omp_get_max_threads(), b_prepacked,
+                     tiles, epilogue);
+  if (!tiles.empty()) run_tiles<Kernel>(problems, tiles, b_panels_for, epilogue);
 }
+
+// The epilogue of plain gemm calls.
+struct NoEpilogue {
+  void operator()(int, int, int, int, int) const {}
+};
 
 template <class T, class Isa>
 void gemm_problems(const GemmProblem<T>* problems, std::size_t count) {
@@ -311,13 +349,16 @@ void gemm_problems(const GemmProblem<T>* problems, std::size_t count) {
   using Kernel = MicroKernel<Isa, T>;
   using Packed = typename Kernel::Packed;
   for (std::size_t i = 0; i < count; ++i) validate(problems[i], i);
-  run_problems<Kernel>(problems, count, [problems](int index, Packed* scratch) {
-    const OperandView<T> b = view_b(problems[index]);
-    return [b, scratch](int p0, int kc, int j0, int nc) {
-      pack_panels<Kernel, Kernel::kNr>(b, j0, nc, p0, kc, scratch);
-      return static_cast<const Packed*>(scratch);
-    };
-  });
+  run_problems<Kernel>(
+      problems, count, false,
+      [problems](int index, Packed* scratch) {
+        const OperandView<T> b = view_b(problems[index]);
+        return [b, scratch](int p0, int kc, int j0, int nc) {
+          pack_panels<Kernel, Kernel::kNr>(b, j0, nc, p0, kc, scratch);
+          return static_cast<const Packed*>(scratch);
+        };
+      },
+      NoEpilogue());
 }
 
 }  // namespace detail

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "switchmoe/kernels/isa.hpp"
 #include "switchmoe/kernels/micro_kernel_portable.hpp"
@@ -121,10 +122,26 @@ struct Avx512Tile {
     }
   }
 
-  // Zeroes the accumulators, adds `steps` packed k-steps with `step(lo, hi, a, b)` (a, b point at
+  // Calls run_tile<R> with R the smallest of 2, 4, 8, kMr that covers `rows`, so that the thin
+  // row tiles of small experts (16 tokens: 14 + 2 rows) do not pay for kMr rows.
+  template <class Run>
+  static inline void dispatch_rows(int rows, const Run& run) {
+    if (rows > 8) {
+      run(std::integral_constant<int, kMr>());
+    } else if (rows > 4) {
+      run(std::integral_constant<int, 8>());
+    } else if (rows > 2) {
+      run(std::integral_constant<int, 4>());
+    } else {
+      run(std::integral_constant<int, 2>());
+    }
+  }
+
+  // Zeroes the accumulators of the first kRowsUsed (>= rows) rows, adds `steps` packed k-steps
+  // with `step(rows_used, lo, hi, a, b)` (a, b point at
   // the step's A and B values; the A and B pointers advance by a_stride / b_stride packed
   // elements per step), then stores C = acc + beta * C.
-  template <class Packed, class Step>
+  template <int kRowsUsed, class Packed, class Step>
   static inline __attribute__((always_inline)) void run_tile(int steps, const Packed* a,
                                                              int a_stride, const Packed* b,
                                                              int b_stride, float* c, int ldc,
@@ -134,12 +151,12 @@ struct Avx512Tile {
     __m512 lo[kMr];
     __m512 hi[kMr];
 #pragma GCC unroll 32
-    for (int i = 0; i < kMr; ++i) {
+    for (int i = 0; i < kRowsUsed; ++i) {
       lo[i] = _mm512_setzero_ps();
       hi[i] = _mm512_setzero_ps();
     }
     for (int s = 0; s < steps; ++s) {
-      step(lo, hi, a, b);
+      step(std::integral_constant<int, kRowsUsed>(), lo, hi, a, b);
       a += a_stride;
       b += b_stride;
     }
@@ -206,19 +223,21 @@ struct Avx512FloatKernel : Avx512Tile<14> {
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
                   int rows, int cols) {
-    run_tile(
-        steps, a, kMr, b, kNr, c, ldc, beta, rows, cols,
-        [](__m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
-            __attribute__((always_inline)) {
-              const __m512 b_lo = _mm512_load_ps(bs);
-              const __m512 b_hi = _mm512_load_ps(bs + 16);
+    dispatch_rows(rows, [&](auto rows_used) {
+      run_tile<decltype(rows_used)::value>(
+          steps, a, kMr, b, kNr, c, ldc, beta, rows, cols,
+          [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+              __attribute__((always_inline)) {
+                const __m512 b_lo = _mm512_load_ps(bs);
+                const __m512 b_hi = _mm512_load_ps(bs + 16);
 #pragma GCC unroll 32
-              for (int i = 0; i < kMr; ++i) {
-                const __m512 ai = _mm512_set1_ps(as[i]);
-                lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
-                hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
-              }
-            });
+                for (int i = 0; i < decltype(used)::value; ++i) {
+                  const __m512 ai = _mm512_set1_ps(as[i]);
+                  lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
+                  hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
+                }
+              });
+    });
   }
 };
 
@@ -292,21 +311,23 @@ struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
                   int rows, int cols) {
-    run_tile(
-        steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols,
-        [](__m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
-            __attribute__((always_inline)) {
-              const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));
-              const __m512bh b_hi = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + 32));
+    dispatch_rows(rows, [&](auto rows_used) {
+      run_tile<decltype(rows_used)::value>(
+          steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols,
+          [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+              __attribute__((always_inline)) {
+                const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));
+                const __m512bh b_hi = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + 32));
 #pragma GCC unroll 32
-              for (int i = 0; i < kMr; ++i) {
-                std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
-                std::memcpy(&pair, as + 2 * i, sizeof(pair));
-                const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-                lo[i] = _mm512_dpbf16_ps(lo[i], ai, b_lo);
-                hi[i] = _mm512_dpbf16_ps(hi[i], ai, b_hi);
-              }
-            });
+                for (int i = 0; i < decltype(used)::value; ++i) {
+                  std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
+                  std::memcpy(&pair, as + 2 * i, sizeof(pair));
+                  const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+                  lo[i] = _mm512_dpbf16_ps(lo[i], ai, b_lo);
+                  hi[i] = _mm512_dpbf16_ps(hi[i], ai, b_hi);
+                }
+              });
+    });
   }
 };
 

@@ -127,12 +127,14 @@ struct PackedGemmProblem {
 
 namespace detail {
 
-template <class T, class Isa>
-void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count) {
+template <class T, class Isa, class Epilogue>
+void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
+                          const Epilogue& epilogue) {
   using Kernel = detail::MicroKernel<Isa, T>;
   using Packed = typename Kernel::Packed;
   thread_local std::vector<GemmProblem<T>> plain;
   plain.clear();
+  plain.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
     const PackedGemmProblem<T, Isa>& p = problems[i];
     if (p.b == nullptr) {
@@ -152,23 +154,38 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
     plain.push_back(q);
   }
   const PackedGemmProblem<T, Isa>* packed = problems;
-  run_problems<Kernel>(plain.data(), plain.size(), [packed](int index, Packed*) {
-    const PackedB<T, Isa>* b = packed[index].b;
-    return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
-  });
+  run_problems<Kernel>(
+      plain.data(), plain.size(), true,
+      [packed](int index, Packed*) {
+        const PackedB<T, Isa>* b = packed[index].b;
+        return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
+      },
+      epilogue);
 }
 
 }  // namespace detail
 
-// Runs every problem, like gemm_batch on plain problems (same tiling, threads, determinism).
+// Runs every problem, like gemm_batch on plain problems (threads, determinism).
 template <class T, class Isa>
 void gemm_batch(const std::vector<PackedGemmProblem<T, Isa>>& problems) {
-  detail::gemm_packed_problems(problems.data(), problems.size());
+  detail::gemm_packed_problems(problems.data(), problems.size(), detail::NoEpilogue());
+}
+
+// As above, then `epilogue(problem, i0, rows, j0, cols)` runs on every finished block of C:
+// problem `problem`'s rows [i0, i0 + rows) x columns [j0, j0 + cols), each element exactly once,
+// on the thread that computed it, while the block is still in cache (bias, activation,
+// conversion). It may write C in that block and anything it owns for those elements; it runs
+// concurrently for different blocks. Blocks start at multiples of kNr columns, but their shapes
+// depend on the thread count: an epilogue must act element by element so that results stay
+// independent of the thread count.
+template <class T, class Isa, class Epilogue>
+void gemm_batch(const std::vector<PackedGemmProblem<T, Isa>>& problems, const Epilogue& epilogue) {
+  detail::gemm_packed_problems(problems.data(), problems.size(), epilogue);
 }
 
 template <class T, class Isa>
 void gemm(const PackedGemmProblem<T, Isa>& p) {
-  detail::gemm_packed_problems(&p, 1);
+  detail::gemm_packed_problems(&p, 1, detail::NoEpilogue());
 }
 
 }  // namespace switchmoe::kernels

@@ -2,6 +2,7 @@
 // Per-thread packing buffers of the GEMM kernels: grown on first use, then reused by every
 // later call on the same thread (no allocation in steady state; OpenMP keeps its threads).
 
+#include <Eigen/Core>
 #include <cstddef>
 #include <cstdlib>
 #include <memory>
@@ -17,6 +18,7 @@ class AlignedBuffer {
   // Returns at least `bytes` bytes, 64-byte aligned; contents are unspecified after growth.
   void* reserve(std::size_t bytes) {
     if (bytes > capacity_) {
+      Eigen::internal::check_that_malloc_is_allowed();  // visible to EIGEN_RUNTIME_NO_MALLOC
       const std::size_t rounded = (bytes + kCacheLine - 1) / kCacheLine * kCacheLine;
       void* p = std::aligned_alloc(kCacheLine, rounded);
       if (p == nullptr) throw std::bad_alloc();

@@ -50,20 +50,30 @@ class DenseFFN {
 
   /// x [tokens, d_model] -> y [tokens, d_model].
   Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode = Mode::kEval) {
+    Matrix<float> y;
+    forward(x, mode, y);
+    return y;
+  }
+
+  /// As above, into y (resized; no allocation once the layer and y have seen as many tokens).
+  void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& y) {
     detail::check_shape("x", x, -1, config_.d_model);
     detail::check_finite("x", x);
     x_ = x.template cast<typename Policy::Element>();
-    offsets_ = {0, static_cast<int>(x.rows())};
-    Matrix<float> y;
+    offsets_.assign({0, static_cast<int>(x.rows())});
     ffn_.forward(x_, offsets_, mode, {}, y);
-    return y;
   }
 
   /// dy [tokens, d_model] -> dx [tokens, d_model], after forward(x, Mode::kTrain).
   Matrix<float> backward(const Eigen::Ref<const Matrix<float>>& dy) {
     Matrix<float> dx;
-    ffn_.backward(x_, offsets_, dy, dx);
+    backward(dy, dx);
     return dx;
+  }
+
+  /// As above, into dx.
+  void backward(const Eigen::Ref<const Matrix<float>>& dy, Matrix<float>& dx) {
+    ffn_.backward(x_, offsets_, dy, dx);
   }
 
  private:

@@ -1,6 +1,7 @@
 #pragma once
 // What a forward call did (SEMANTICS 14).
 
+#include <utility>
 #include <vector>
 
 #include "switchmoe/routing/options.hpp"
@@ -18,14 +19,17 @@ struct RoutingStats {
   float z_loss = 0.0f;                      // unscaled, SEMANTICS 9
 };
 
-inline RoutingStats routing_stats(const Routing& routing, int num_experts) {
-  RoutingStats stats;
+/// The statistics of `routing` into `stats`, reusing its vectors (no allocation for the same
+/// number of experts).
+inline void routing_stats(const Routing& routing, int num_experts, RoutingStats& stats) {
+  // Every other field back to its default; the vectors keep their storage.
+  stats = RoutingStats{std::move(stats.tokens_per_expert), std::move(stats.kept_tokens_per_expert)};
   stats.tokens_per_expert.assign(num_experts, 0);
   stats.kept_tokens_per_expert.assign(num_experts, 0);
   stats.aux_loss = routing.aux_loss;
   stats.z_loss = routing.z_loss;
   const Eigen::Index tokens = routing.expert.rows(), k = routing.expert.cols();
-  if (tokens == 0) return stats;
+  if (tokens == 0) return;
   long kept = 0, dropped_tokens = 0;
   double gate_sum = 0.0;
   for (Eigen::Index t = 0; t < tokens; ++t) {
@@ -47,6 +51,11 @@ inline RoutingStats routing_stats(const Routing& routing, int num_experts) {
   stats.router_confidence = kept > 0 ? gate_sum / kept : 0.0;
   const double slots = static_cast<double>(num_experts) * routing.capacity * routing.num_groups();
   stats.expert_usage = slots > 0 ? kept / slots : 0.0;
+}
+
+inline RoutingStats routing_stats(const Routing& routing, int num_experts) {
+  RoutingStats stats;
+  routing_stats(routing, num_experts, stats);
   return stats;
 }
 

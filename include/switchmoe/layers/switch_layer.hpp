@@ -100,17 +100,25 @@ class SwitchLayer {
   /// Routes x [tokens, d_model] and applies the experts. Mode::kTrain uses the training capacity
   /// factor, jitter and expert dropout, and keeps what backward needs.
   SwitchOutput forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
+    SwitchOutput out;
+    forward(x, mode, out);
+    return out;
+  }
+
+  /// As above, into `out`, reusing its storage: once the layer and `out` have seen a call with
+  /// as many tokens, a call allocates nothing.
+  void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
     detail::check_shape("x", x, -1, config_.d_model);
     detail::check_finite("x", x);
-    SwitchOutput out;
-    out.routing = route(router_.forward(x, mode), config_.routing, mode);
-    out.y = apply_experts(x, out.routing, mode);
-    out.stats = routing_stats(out.routing, num_experts());
+    has_forward_ = false;
+    router_.forward(x, mode, out.routing.logits);
+    route(out.routing.logits, config_.routing, mode, out.routing);
+    apply_experts(x, out.routing, mode, out.y);
+    routing_stats(out.routing, num_experts(), out.stats);
     out.loss =
         config_.aux_loss_coef * out.routing.aux_loss + config_.z_loss_coef * out.routing.z_loss;
     if (mode == Mode::kTrain) routing_ = out.routing;
     has_forward_ = mode == Mode::kTrain;
-    return out;
   }
 
   /// Applies the experts to x [tokens, d_model] under a given routing (no router, no losses,
@@ -120,40 +128,51 @@ class SwitchLayer {
     detail::check_finite("x", x);
     detail::check_routing(routing, x.rows(), num_experts());
     has_forward_ = false;
-    return apply_experts(x, routing, Mode::kEval);
+    Matrix<float> y;
+    apply_experts(x, routing, Mode::kEval, y);
+    return y;
   }
 
   /// Gradient of sum(dy .* y) + aux_loss_coef * aux + z_loss_coef * z with respect to x, after a
   /// forward(x, Mode::kTrain); parameter gradients accumulate until zero_grad(). dy is
   /// [tokens, d_model]; returns dx [tokens, d_model].
   Matrix<float> backward(const Eigen::Ref<const Matrix<float>>& dy) {
+    Matrix<float> dx;
+    backward(dy, dx);
+    return dx;
+  }
+
+  /// As above, into dx (resized to [tokens, d_model]; no allocation when it already has that
+  /// shape).
+  void backward(const Eigen::Ref<const Matrix<float>>& dy, Matrix<float>& dx) {
     if (!has_forward_) {
       detail::fail("SwitchLayer::backward called without a preceding forward(x, Mode::kTrain)");
     }
     const Eigen::Index tokens = routing_.expert.rows();
     const int k = static_cast<int>(routing_.expert.cols());
-    detail::check_shape("dy", dy, tokens, config_.d_model);
+    const int d_model = config_.d_model;
+    detail::check_shape("dy", dy, tokens, d_model);
     // Combine backward: dyg[r] = gate * dy[t]; dgate(t, c) = dy[t] . yg[r] (kept choices only).
-    Matrix<float>& dyg = dyg_;  // [rows, d_model]
-    dyg.resize(plan_.num_rows(), config_.d_model);
-    Matrix<float> dgate = Matrix<float>::Zero(tokens, k);  // [tokens, k]
-    detail::parallel_for(plan_.num_rows(), 2 * config_.d_model, [&](Eigen::Index r) {
+    const Eigen::Index rows = plan_.num_rows();
+    auto dyg = dyg_.resize(rows, d_model);
+    const auto yg = yg_.view();
+    dgate_.setZero(tokens, k);
+    detail::parallel_for(rows, 2 * d_model, [&](Eigen::Index r) {
       const int t = plan_.token[r], c = plan_.choice[r];
       dyg.row(r) = routing_.gate(t, c) * dy.row(t);
-      dgate(t, c) = dy.row(t).dot(yg_.row(r));
+      dgate_(t, c) = dy.row(t).dot(yg.row(r));
     });
-    Matrix<float>& dxg = dxg_;  // [rows, d_model]
-    experts_.backward(xg_, plan_.offsets, dyg, dxg);
-    const Matrix<float> dlogits = route_backward(routing_, dgate, config_.routing,
-                                                 config_.aux_loss_coef, config_.z_loss_coef);
-    Matrix<float> dx = router_.backward(dlogits);  // [tokens, d_model]
-    detail::parallel_for(tokens, k * config_.d_model, [&](Eigen::Index t) {
+    auto dxg = dxg_.resize(rows, d_model);
+    experts_.backward(xg_.view(), plan_.offsets, dyg, dxg);
+    route_backward(routing_, dgate_, config_.routing, config_.aux_loss_coef, config_.z_loss_coef,
+                   dlogits_);
+    router_.backward(dlogits_, dx);  // [tokens, d_model]
+    detail::parallel_for(tokens, k * d_model, [&](Eigen::Index t) {
       for (int c = 0; c < k; ++c) {  // in choice order, so the sum does not depend on threads
         const int r = plan_.row[t * k + c];
         if (r >= 0) dx.row(t) += dxg.row(r);
       }
     });
-    return dx;
   }
 
  private:
@@ -172,29 +191,45 @@ class SwitchLayer {
     return config;
   }
 
-  Matrix<float> apply_experts(const Eigen::Ref<const Matrix<float>>& x, const Routing& routing,
-                              Mode mode) {
-    plan_ = make_dispatch_plan(routing, num_experts());
-    gather(x, plan_, xg_);
-    std::vector<std::uint64_t> keys(static_cast<std::size_t>(plan_.num_rows()));
-    for (int r = 0; r < plan_.num_rows(); ++r) {
-      keys[r] = static_cast<std::uint64_t>(plan_.token[r]) * plan_.top_k + plan_.choice[r];
-    }
-    experts_.forward(xg_, plan_.offsets, mode, keys, yg_);
-    Matrix<float> y;  // [tokens, d_model]
-    combine(yg_, plan_, routing, y);
-    return y;
+  /// y [tokens, d_model] = the experts applied to x under `routing` (gather, expert bank,
+  /// combine), through buffers kept between calls.
+  void apply_experts(const Eigen::Ref<const Matrix<float>>& x, const Routing& routing, Mode mode,
+                     Matrix<float>& y) {
+    using Element = typename Policy::Element;
+    const int d_model = config_.d_model;
+    make_dispatch_plan(routing, num_experts(), plan_);
+    const Eigen::Index rows = plan_.num_rows();
+    // Reserve for the most rows any routing of this many tokens can keep, so that the buffers
+    // stop growing after the first call.
+    const Eigen::Index max_rows = x.rows() * plan_.top_k;
+    experts_.reserve_rows(max_rows);
+    xg_.reserve(max_rows * d_model);
+    yg_.reserve(max_rows * d_model);
+    dyg_.reserve(max_rows * d_model);
+    dxg_.reserve(max_rows * d_model);
+    row_keys_.reserve(static_cast<std::size_t>(max_rows));
+    auto xg = xg_.resize(rows, d_model);  // gathered tokens, Element
+    row_keys_.resize(static_cast<std::size_t>(rows));
+    detail::parallel_for(rows, d_model, [&](Eigen::Index r) {
+      xg.row(r) = x.row(plan_.token[r]).template cast<Element>();
+      row_keys_[r] = static_cast<std::uint64_t>(plan_.token[r]) * plan_.top_k + plan_.choice[r];
+    });
+    auto yg = yg_.resize(rows, d_model);  // expert outputs before the gates
+    experts_.forward(xg, plan_.offsets, mode, row_keys_, yg);
+    combine(yg, plan_, routing, y);
   }
 
   SwitchConfig config_;
   RouterType router_;
   Experts experts_;
-  // Kept from the last forward for backward.
+  // Kept from the last forward for backward, and per-call buffers (reused, grow only).
   Routing routing_;
   DispatchPlan plan_;
-  Matrix<typename Policy::Element> xg_;  // [rows, d_model] gathered tokens
-  Matrix<float> yg_;                     // [rows, d_model] expert outputs before the gates
-  Matrix<float> dyg_, dxg_;              // [rows, d_model] backward workspaces
+  detail::RowBuffer<typename Policy::Element> xg_;  // [rows, d_model] gathered tokens
+  detail::RowBuffer<float> yg_;                     // [rows, d_model] expert outputs, no gates
+  detail::RowBuffer<float> dyg_, dxg_;              // [rows, d_model] backward
+  std::vector<std::uint64_t> row_keys_;             // [rows] dropout key of each gathered row
+  Matrix<float> dlogits_, dgate_;                   // [tokens, experts], [tokens, k]
   bool has_forward_ = false;
 };
 

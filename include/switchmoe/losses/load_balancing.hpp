@@ -4,6 +4,7 @@
 // choices (before capacity); P_e is the group's mean router probability of e. Perfect balance
 // gives k. Only P carries gradient: f is a count.
 
+#include <algorithm>
 #include <vector>
 
 #include "switchmoe/routing/options.hpp"
@@ -25,19 +26,80 @@ inline void check_load_balancing_inputs(const Eigen::Ref<const Matrix<float>>& p
   }
 }
 
-/// f_e * E / groups for every group and expert: the factor that multiplies P_e.
-/// Returned as [groups, experts].
-inline Matrix<double> load_balancing_weights(const Eigen::Ref<const Matrix<int>>& expert,
-                                             Eigen::Index num_experts, int group_size) {
-  const Eigen::Index tokens = expert.rows();
-  const Eigen::Index groups = group_size > 0 ? tokens / group_size : 0;
-  Matrix<double> weights = Matrix<double>::Zero(groups, num_experts);
-  for (Eigen::Index t = 0; t < tokens; ++t) {
-    for (Eigen::Index c = 0; c < expert.cols(); ++c) weights(t / group_size, expert(t, c)) += 1.0;
+/// weight[i] = f_e * E / groups for the experts e = e0 + i, i < n, of the group of tokens
+/// [first, first + group_size): the factor that multiplies P_e in the loss.
+inline void load_balancing_group_weights(const Eigen::Ref<const Matrix<int>>& expert,
+                                         Eigen::Index num_experts, int group_size,
+                                         Eigen::Index first, Eigen::Index e0, Eigen::Index n,
+                                         double* weight) {
+  const Eigen::Index groups = expert.rows() / group_size;
+  std::fill(weight, weight + n, 0.0);
+  for (Eigen::Index t = first; t < first + group_size; ++t) {
+    for (Eigen::Index c = 0; c < expert.cols(); ++c) {
+      const Eigen::Index i = expert(t, c) - e0;
+      if (i >= 0 && i < n) weight[i] += 1.0;
+    }
   }
   // f_e = count / T_g; aux = (1/G) sum_g E sum_e f_e P_e.
-  weights *= static_cast<double>(num_experts) / (static_cast<double>(group_size) * groups);
-  return weights;
+  const double scale =
+      static_cast<double>(num_experts) / (static_cast<double>(group_size) * groups);
+  for (Eigen::Index i = 0; i < n; ++i) weight[i] *= scale;
+}
+
+/// The loss, with `weight` as reusable scratch ([experts]; no allocation once it is large
+/// enough). `group_size` is resolved (> 0 unless there are no tokens).
+inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
+                                 const Eigen::Ref<const Matrix<int>>& expert, int group_size,
+                                 std::vector<double>& weight) {
+  check_load_balancing_inputs(probs, expert);
+  const int g = resolve_group_size(probs.rows(), group_size);
+  if (probs.rows() == 0) return 0.0f;
+  weight.resize(static_cast<std::size_t>(probs.cols()));
+  double aux = 0.0;
+  for (Eigen::Index first = 0; first < probs.rows(); first += g) {
+    load_balancing_group_weights(expert, probs.cols(), g, first, 0, probs.cols(), weight.data());
+    for (Eigen::Index t = first; t < first + g; ++t) {
+      for (Eigen::Index e = 0; e < probs.cols(); ++e) {
+        aux += weight[e] * static_cast<double>(probs(t, e)) / g;  // P_e = mean over group
+      }
+    }
+  }
+  return static_cast<float>(aux);
+}
+
+/// Calls visit(first, e0, row) for every group of tokens [first, first + g) and every chunk of
+/// experts [e0, e0 + row.size()), where `row` ([1, chunk]) is d aux / d probs of those experts,
+/// the same for every token of the group. The chunks live on the stack: no heap scratch.
+template <class Visit>
+void for_each_load_balancing_grad_row(const Eigen::Ref<const Matrix<int>>& expert,
+                                      Eigen::Index num_experts, int g, const Visit& visit) {
+  constexpr Eigen::Index kChunk = 256;  // experts per stack buffer
+  double weight[kChunk];
+  float row[kChunk];
+  for (Eigen::Index first = 0; first < expert.rows(); first += g) {
+    for (Eigen::Index e0 = 0; e0 < num_experts; e0 += kChunk) {
+      const Eigen::Index n = std::min(kChunk, num_experts - e0);
+      load_balancing_group_weights(expert, num_experts, g, first, e0, n, weight);
+      for (Eigen::Index i = 0; i < n; ++i) row[i] = static_cast<float>(weight[i] / g);
+      visit(first, e0, Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(row, n));
+    }
+  }
+}
+
+/// target += coef * load_balancing_loss_grad(probs, expert, group_size), without the gradient
+/// matrix; `target` is [tokens, experts].
+inline void add_load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& probs,
+                                         const Eigen::Ref<const Matrix<int>>& expert,
+                                         int group_size, float coef, Matrix<float>& target) {
+  check_load_balancing_inputs(probs, expert);
+  const int g = resolve_group_size(probs.rows(), group_size);
+  check_shape("target", target, probs.rows(), probs.cols());
+  if (probs.rows() == 0) return;
+  for_each_load_balancing_grad_row(expert, probs.cols(), g,
+                                   [&](Eigen::Index first, Eigen::Index e0, const auto& row) {
+                                     for (Eigen::Index t = first; t < first + g; ++t)
+                                       target.row(t).segment(e0, row.size()) += coef * row;
+                                   });
 }
 
 }  // namespace detail
@@ -45,33 +107,30 @@ inline Matrix<double> load_balancing_weights(const Eigen::Ref<const Matrix<int>>
 /// `probs` [tokens, experts], `expert` [tokens, k]; `group_size` 0 means one group.
 inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
                                  const Eigen::Ref<const Matrix<int>>& expert, int group_size = 0) {
+  std::vector<double> weight;
+  return detail::load_balancing_loss(probs, expert, group_size, weight);
+}
+
+/// d aux / d probs into `grad` [tokens, experts], reusing its storage.
+inline void load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& probs,
+                                     const Eigen::Ref<const Matrix<int>>& expert, int group_size,
+                                     Matrix<float>& grad) {
   detail::check_load_balancing_inputs(probs, expert);
   const int g = detail::resolve_group_size(probs.rows(), group_size);
-  if (probs.rows() == 0) return 0.0f;
-  const Matrix<double> weights = detail::load_balancing_weights(expert, probs.cols(), g);
-  double aux = 0.0;
-  for (Eigen::Index t = 0; t < probs.rows(); ++t) {
-    for (Eigen::Index e = 0; e < probs.cols(); ++e) {
-      aux += weights(t / g, e) * static_cast<double>(probs(t, e)) / g;  // P_e = mean over group
-    }
-  }
-  return static_cast<float>(aux);
+  grad.resize(probs.rows(), probs.cols());
+  if (probs.rows() == 0) return;
+  detail::for_each_load_balancing_grad_row(
+      expert, probs.cols(), g, [&](Eigen::Index first, Eigen::Index e0, const auto& row) {
+        for (Eigen::Index t = first; t < first + g; ++t) grad.row(t).segment(e0, row.size()) = row;
+      });
 }
 
 /// d aux / d probs, [tokens, experts].
 inline Matrix<float> load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& probs,
                                               const Eigen::Ref<const Matrix<int>>& expert,
                                               int group_size = 0) {
-  detail::check_load_balancing_inputs(probs, expert);
-  const int g = detail::resolve_group_size(probs.rows(), group_size);
-  Matrix<float> grad(probs.rows(), probs.cols());
-  if (probs.rows() == 0) return grad;
-  const Matrix<double> weights = detail::load_balancing_weights(expert, probs.cols(), g);
-  for (Eigen::Index t = 0; t < probs.rows(); ++t) {
-    for (Eigen::Index e = 0; e < probs.cols(); ++e) {
-      grad(t, e) = static_cast<float>(weights(t / g, e) / g);
-    }
-  }
+  Matrix<float> grad;
+  load_balancing_loss_grad(probs, expert, group_size, grad);
   return grad;
 }
 

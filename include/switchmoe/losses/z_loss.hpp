@@ -33,18 +33,57 @@ inline float router_z_loss(const Eigen::Ref<const Matrix<float>>& logits) {
   return static_cast<float>(total / static_cast<double>(logits.rows()));
 }
 
-/// d z / d logits = 2 * lse_t * softmax(logits_t) / tokens, [tokens, experts].
-inline Matrix<float> router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits) {
-  detail::check_finite("logits", logits);
-  Matrix<float> grad(logits.rows(), logits.cols());
+namespace detail {
+
+/// Calls visit(t, e0, row) for every token t and chunk of experts [e0, e0 + row.size()), where
+/// `row` ([1, chunk]) is d z / d logits(t, e0 + i) = 2 * lse_t * softmax(logits_t) / tokens. The
+/// chunks live on the stack: no heap scratch.
+template <class Visit>
+void for_each_router_z_loss_grad_row(const Eigen::Ref<const Matrix<float>>& logits,
+                                     const Visit& visit) {
+  constexpr Eigen::Index kChunk = 256;  // experts per stack buffer
+  float row[kChunk];
   const double tokens = static_cast<double>(logits.rows());
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
-    const double lse = detail::logsumexp(logits.row(t));
-    for (Eigen::Index e = 0; e < logits.cols(); ++e) {
-      grad(t, e) = static_cast<float>(2.0 * lse *
-                                      std::exp(static_cast<double>(logits(t, e)) - lse) / tokens);
+    const double lse = logsumexp(logits.row(t));
+    for (Eigen::Index e0 = 0; e0 < logits.cols(); e0 += kChunk) {
+      const Eigen::Index n = std::min(kChunk, logits.cols() - e0);
+      for (Eigen::Index i = 0; i < n; ++i) {
+        const double logit = static_cast<double>(logits(t, e0 + i));
+        row[i] = static_cast<float>(2.0 * lse * std::exp(logit - lse) / tokens);
+      }
+      visit(t, e0, Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(row, n));
     }
   }
+}
+
+/// target += coef * router_z_loss_grad(logits), without the gradient matrix.
+inline void add_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits, float coef,
+                                   Matrix<float>& target) {
+  check_finite("logits", logits);
+  check_shape("target", target, logits.rows(), logits.cols());
+  for_each_router_z_loss_grad_row(logits, [&](Eigen::Index t, Eigen::Index e0, const auto& row) {
+    target.row(t).segment(e0, row.size()) += coef * row;
+  });
+}
+
+}  // namespace detail
+
+/// d z / d logits = 2 * lse_t * softmax(logits_t) / tokens into `grad` [tokens, experts],
+/// reusing its storage.
+inline void router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits, Matrix<float>& grad) {
+  detail::check_finite("logits", logits);
+  grad.resize(logits.rows(), logits.cols());
+  detail::for_each_router_z_loss_grad_row(logits,
+                                          [&](Eigen::Index t, Eigen::Index e0, const auto& row) {
+                                            grad.row(t).segment(e0, row.size()) = row;
+                                          });
+}
+
+/// d z / d logits, [tokens, experts].
+inline Matrix<float> router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits) {
+  Matrix<float> grad;
+  router_z_loss_grad(logits, grad);
   return grad;
 }
 

@@ -2,6 +2,7 @@
 // Routing configuration and the routing result that the router, dispatch and losses exchange.
 
 #include <cmath>
+#include <vector>
 
 #include "switchmoe/core/types.hpp"
 
@@ -30,6 +31,19 @@ struct RoutingOptions {
   bool renormalize = false;  // top-k gates renormalized to sum to 1 before capacity
 };
 
+namespace detail {
+
+/// Temporaries of route() (routing/route.hpp), kept with its result so that routing again with
+/// the same sizes allocates nothing. Not part of the result: its contents are unspecified.
+/// std::vector keeps its capacity when shrunk, so smaller sizes never reallocate either.
+struct RoutingScratch {
+  std::vector<int> order;      // [group_size] the group's tokens in priority order (SEMANTICS 7)
+  std::vector<int> load;       // [experts] slots used so far in the current group
+  std::vector<double> weight;  // [experts] load-balancing weights of the current group
+};
+
+}  // namespace detail
+
 /// The outcome of routing N tokens over E experts with k choices each.
 struct Routing {
   Matrix<float> logits;   // [tokens, experts]
@@ -41,6 +55,7 @@ struct Routing {
   float z_loss = 0.0f;    // SEMANTICS 9, unscaled
   int capacity = 0;       // C per expert and group (dropless: the largest load of any expert)
   int group_size = 0;     // tokens per group actually used
+  detail::RoutingScratch scratch;  // route()'s reusable temporaries, not part of the result
 
   Eigen::Index num_tokens() const { return expert.rows(); }
   Eigen::Index top_k() const { return expert.cols(); }

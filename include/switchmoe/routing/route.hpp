@@ -16,9 +16,9 @@
 namespace switchmoe {
 namespace detail {
 
-/// Row-wise softmax in float32, [tokens, experts].
-inline Matrix<float> softmax(const Eigen::Ref<const Matrix<float>>& logits) {
-  Matrix<float> probs(logits.rows(), logits.cols());
+/// Row-wise softmax in float32 into `probs` [tokens, experts], reusing its storage.
+inline void softmax(const Eigen::Ref<const Matrix<float>>& logits, Matrix<float>& probs) {
+  probs.resize(logits.rows(), logits.cols());
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     const float max = logits.row(t).maxCoeff();
     float sum = 0.0f;
@@ -28,41 +28,48 @@ inline Matrix<float> softmax(const Eigen::Ref<const Matrix<float>>& logits) {
     }
     probs.row(t) /= sum;
   }
-  return probs;
 }
 
-/// Top-k experts of every token, best first; ties go to the lower index. Chosen on the logits,
-/// which order experts exactly as the probabilities do but cannot underflow into false ties.
-inline Matrix<int> top_k_experts(const Eigen::Ref<const Matrix<float>>& logits, int k) {
-  Matrix<int> expert(logits.rows(), k);
-  std::vector<char> taken(static_cast<std::size_t>(logits.cols()));
+/// Top-k experts of every token into `expert` [tokens, k], best first; ties go to the lower
+/// index. Chosen on the logits, which order experts exactly as the probabilities do but cannot
+/// underflow into false ties. "Better" is a strict total order (higher logit, then lower index),
+/// so choice c is the best expert among those after choice c - 1: no "taken" flags are needed.
+inline void top_k_experts(const Eigen::Ref<const Matrix<float>>& logits, int k,
+                          Matrix<int>& expert) {
+  expert.resize(logits.rows(), k);
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
-    std::fill(taken.begin(), taken.end(), 0);
     for (int c = 0; c < k; ++c) {
+      const Eigen::Index prev = c > 0 ? expert(t, c - 1) : -1;
+      auto after_prev = [&](Eigen::Index e) {
+        return prev < 0 || logits(t, e) < logits(t, prev) ||
+               (logits(t, e) == logits(t, prev) && e > prev);
+      };
       Eigen::Index best = -1;
       for (Eigen::Index e = 0; e < logits.cols(); ++e) {
-        if (!taken[e] && (best < 0 || logits(t, e) > logits(t, best))) best = e;
+        if (after_prev(e) && (best < 0 || logits(t, e) > logits(t, best))) best = e;
       }
-      taken[best] = 1;
       expert(t, c) = static_cast<int>(best);
     }
   }
-  return expert;
 }
 
-/// The order in which a group's tokens claim slots (SEMANTICS 7), as offsets within the group.
-inline std::vector<int> priority_order(const Routing& routing, Eigen::Index first, int group_size,
-                                       Priority priority) {
-  std::vector<int> order(static_cast<std::size_t>(group_size));
+/// The order in which a group's tokens claim slots (SEMANTICS 7), as offsets within the group,
+/// into `order`. Descending top-1 probability with ties in token order is a strict total order,
+/// so std::sort (in place) gives what a stable sort would, without its temporary buffer.
+inline void priority_order(const Routing& routing, Eigen::Index first, int group_size,
+                           Priority priority, std::vector<int>& order) {
+  order.resize(static_cast<std::size_t>(group_size));
   std::iota(order.begin(), order.end(), 0);
   if (priority == Priority::kRouterProbability) {
     auto top1 = [&](int i) {
       const Eigen::Index t = first + i;
       return routing.probs(t, routing.expert(t, 0));
     };
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return top1(a) > top1(b); });
+    std::sort(order.begin(), order.end(), [&](int a, int b) {
+      const float pa = top1(a), pb = top1(b);
+      return pa > pb || (pa == pb && a < b);
+    });
   }
-  return order;
 }
 
 /// Fills slot and zeroes the gates of dropped choices. Within a group every first choice is
@@ -75,10 +82,11 @@ inline void assign_slots(Routing& routing, const RoutingOptions& options, Mode m
   const int capacity = expert_capacity(g, options, mode);
   routing.slot.resize(tokens, k);
   routing.capacity = options.dropless ? 0 : capacity;
-  std::vector<int> load(static_cast<std::size_t>(options.num_experts));
+  std::vector<int>& load = routing.scratch.load;
+  std::vector<int>& order = routing.scratch.order;
   for (Eigen::Index first = 0; first < tokens; first += g) {
-    std::fill(load.begin(), load.end(), 0);
-    const std::vector<int> order = priority_order(routing, first, g, options.priority);
+    load.assign(static_cast<std::size_t>(options.num_experts), 0);
+    priority_order(routing, first, g, options.priority, order);
     for (int c = 0; c < k; ++c) {
       for (int i : order) {
         const Eigen::Index t = first + i;
@@ -99,20 +107,27 @@ inline void assign_slots(Routing& routing, const RoutingOptions& options, Mode m
 
 }  // namespace detail
 
-/// Routes tokens given router logits [tokens, experts]. Zero tokens give empty results.
-inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
-                     Mode mode) {
+/// Routes tokens given router logits [tokens, experts] into `routing`, reusing its storage:
+/// with the sizes of its previous routing, nothing is allocated. `logits` may be
+/// `routing.logits` itself (e.g. written there by Router::forward), but not a part of it or of
+/// another member of `routing`. Zero tokens give empty results. On a throw (bad options or
+/// logits), `routing` is unchanged.
+inline void route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
+                  Mode mode, Routing& routing) {
   detail::validate(options);
   if (logits.cols() != options.num_experts) {
     detail::fail("logits has ", logits.cols(),
                  " columns, expected num_experts = ", options.num_experts);
   }
   detail::check_finite("logits", logits);
-  Routing routing;
-  routing.group_size = detail::resolve_group_size(logits.rows(), options.group_size);
-  routing.logits = logits;
-  routing.probs = detail::softmax(logits);
-  routing.expert = detail::top_k_experts(logits, options.top_k);
+  const int group_size = detail::resolve_group_size(logits.rows(), options.group_size);
+  routing.group_size = group_size;
+  const bool in_place = logits.data() == routing.logits.data() && logits.size() > 0 &&
+                        logits.rows() == routing.logits.rows() &&
+                        logits.cols() == routing.logits.cols();
+  if (!in_place) routing.logits = logits;
+  detail::softmax(logits, routing.probs);
+  detail::top_k_experts(logits, options.top_k, routing.expert);
   routing.gate.resize(logits.rows(), options.top_k);
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     float chosen = 0.0f;
@@ -125,25 +140,38 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
   if (logits.rows() == 0) {
     routing.slot.resize(0, options.top_k);
     routing.capacity = expert_capacity(0, options, mode);
-    return routing;
+    routing.aux_loss = 0.0f;
+    routing.z_loss = 0.0f;
+    return;
   }
   detail::assign_slots(routing, options, mode);
-  routing.aux_loss = load_balancing_loss(routing.probs, routing.expert, routing.group_size);
+  routing.aux_loss = detail::load_balancing_loss(routing.probs, routing.expert, group_size,
+                                                 routing.scratch.weight);
   routing.z_loss = router_z_loss(logits);
+}
+
+/// Routes tokens given router logits [tokens, experts]. Zero tokens give empty results.
+inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
+                     Mode mode) {
+  Routing routing;
+  route(logits, options, mode, routing);
   return routing;
 }
 
 /// Gradient with respect to the logits of
-///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss.
+///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss
+/// into `dlogits` [tokens, experts], reusing its storage (no allocation when its size is
+/// unchanged; all temporaries are in `dlogits` or on the stack).
 /// Dropped choices have a constant gate of 0 and pass nothing back (SEMANTICS 10).
-/// `dgate` is [tokens, k]; returns [tokens, experts].
-inline Matrix<float> route_backward(const Routing& routing,
-                                    const Eigen::Ref<const Matrix<float>>& dgate,
-                                    const RoutingOptions& options, float aux_coef, float z_coef) {
+/// `dgate` is [tokens, k] and must not alias `dlogits`.
+inline void route_backward(const Routing& routing, const Eigen::Ref<const Matrix<float>>& dgate,
+                           const RoutingOptions& options, float aux_coef, float z_coef,
+                           Matrix<float>& dlogits) {
   detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
   const Eigen::Index tokens = routing.probs.rows();
   const Eigen::Index experts = routing.probs.cols();
-  Matrix<float> dprobs = Matrix<float>::Zero(tokens, experts);
+  Matrix<float>& dprobs = dlogits;  // d/dprobs first; the softmax backward below is in place
+  dprobs.setZero(tokens, experts);
   for (Eigen::Index t = 0; t < tokens; ++t) {
     float chosen = 0.0f;  // S = sum of the k chosen probabilities (renormalized gate = p / S)
     for (Eigen::Index c = 0; c < routing.expert.cols(); ++c)
@@ -164,16 +192,23 @@ inline Matrix<float> route_backward(const Routing& routing,
     }
   }
   if (aux_coef != 0.0f) {
-    dprobs +=
-        aux_coef * load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size);
+    detail::add_load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size,
+                                         aux_coef, dprobs);
   }
-  // Softmax backward: dlogit_e = p_e * (dp_e - sum_j p_j dp_j).
-  Matrix<float> dlogits(tokens, experts);
+  // Softmax backward, row by row in place: dlogit_e = p_e * (dp_e - sum_j p_j dp_j).
   for (Eigen::Index t = 0; t < tokens; ++t) {
     const float dot = routing.probs.row(t).dot(dprobs.row(t));
     dlogits.row(t) = routing.probs.row(t).array() * (dprobs.row(t).array() - dot);
   }
-  if (z_coef != 0.0f) dlogits += z_coef * router_z_loss_grad(routing.logits);
+  if (z_coef != 0.0f) detail::add_router_z_loss_grad(routing.logits, z_coef, dlogits);
+}
+
+/// As above, returning dlogits [tokens, experts].
+inline Matrix<float> route_backward(const Routing& routing,
+                                    const Eigen::Ref<const Matrix<float>>& dgate,
+                                    const RoutingOptions& options, float aux_coef, float z_coef) {
+  Matrix<float> dlogits;
+  route_backward(routing, dgate, options, aux_coef, z_coef, dlogits);
   return dlogits;
 }
 

@@ -59,9 +59,10 @@ class Router {
   Matrix<float>& grad_weight() { return grad_weight_; }
   Matrix<float>& grad_bias() { return grad_bias_; }
 
-  /// logits [tokens, experts] for x [tokens, d_model]. In Mode::kTrain the input is jittered
-  /// (a fresh draw per call, from the seed) and cached for backward.
-  Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
+  /// logits [tokens, experts] for x [tokens, d_model], into `logits` reusing its storage (no
+  /// allocation when the token count is unchanged). In Mode::kTrain the input is jittered (a
+  /// fresh draw per call, from the seed) and cached for backward. `logits` must not alias x.
+  void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& logits) {
     detail::check_shape("x", x, -1, config_.d_model);
     const float* input = x.data();  // [tokens, d_model] what the router multiplies
     int input_stride = static_cast<int>(x.outerStride());
@@ -76,31 +77,51 @@ class Router {
       input = input_.data();
       input_stride = config_.d_model;
     }
-    Matrix<float> logits(x.rows(), config_.num_experts);  // [tokens, experts]
+    logits.resize(x.rows(), config_.num_experts);  // [tokens, experts]
     kernels::gemm<float>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model, input,
                           input_stride, kernels::Transpose::kNo, weight_.data(),
                           config_.num_experts, kernels::Transpose::kNo, logits.data(),
                           config_.num_experts, 0.0f});
     if (config_.bias) logits.rowwise() += bias_.row(0);
     has_forward_ = mode == Mode::kTrain;
+  }
+
+  /// As above, returning the logits [tokens, experts].
+  Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode) {
+    Matrix<float> logits;
+    forward(x, mode, logits);
     return logits;
   }
 
-  /// Accumulates dW (and db) and returns dx, for dlogits [tokens, experts] of the last
-  /// training-mode forward.
-  Matrix<float> backward(const Eigen::Ref<const Matrix<float>>& dlogits) {
+  /// Accumulates dW (and db) and writes dx [tokens, d_model] into `dx` reusing its storage, for
+  /// dlogits [tokens, experts] of the last training-mode forward. No allocation when the token
+  /// count is unchanged (dlogits with a row stride other than `experts` is copied into a
+  /// buffer kept for the next call). `dx` must not alias dlogits.
+  void backward(const Eigen::Ref<const Matrix<float>>& dlogits, Matrix<float>& dx) {
     if (!has_forward_) detail::fail("Router::backward called before a Mode::kTrain forward");
     detail::check_shape("dlogits", dlogits, input_.rows(), config_.num_experts);
-    const Matrix<float> dl = dlogits;  // contiguous copy for the kernel
-    const int tokens = static_cast<int>(dl.rows());
+    const int tokens = static_cast<int>(dlogits.rows());
     const int d = config_.d_model, e = config_.num_experts;
-    Matrix<float> dx(tokens, d);  // [tokens, d_model]
-    kernels::gemm<float>({tokens, d, e, dl.data(), e, kernels::Transpose::kNo, weight_.data(), e,
+    const float* dl = dlogits.data();  // [tokens, experts] contiguous for the kernel
+    if (tokens > 1 && dlogits.outerStride() != e) {
+      dlogits_ = dlogits;
+      dl = dlogits_.data();
+    }
+    dx.resize(tokens, d);  // [tokens, d_model]
+    kernels::gemm<float>({tokens, d, e, dl, e, kernels::Transpose::kNo, weight_.data(), e,
                           kernels::Transpose::kYes, dx.data(), d, 0.0f});
-    kernels::gemm<float>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl.data(), e,
+    kernels::gemm<float>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
                           kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
-    if (config_.bias) grad_bias_ += dl.colwise().sum();
+    if (config_.bias) {
+      grad_bias_ += Eigen::Map<const Matrix<float>>(dl, tokens, e).colwise().sum();
+    }
     if (noise_.size() > 0) dx.array() *= noise_.array();  // x_jittered = x .* noise
+  }
+
+  /// As above, returning dx [tokens, d_model].
+  Matrix<float> backward(const Eigen::Ref<const Matrix<float>>& dlogits) {
+    Matrix<float> dx;
+    backward(dlogits, dx);
     return dx;
   }
 
@@ -133,8 +154,9 @@ class Router {
 
   RouterConfig config_;
   Matrix<float> weight_, bias_, grad_weight_, grad_bias_;
-  Matrix<float> input_;  // [tokens, d_model] router input of the last forward, after jitter
-  Matrix<float> noise_;  // [tokens, d_model] jitter factors of the last forward, empty if none
+  Matrix<float> input_;    // [tokens, d_model] router input of the last forward, after jitter
+  Matrix<float> noise_;    // [tokens, d_model] jitter factors of the last forward, empty if none
+  Matrix<float> dlogits_;  // [tokens, experts] contiguous copy of a strided dlogits in backward
   std::uint64_t calls_ = 0;
   bool has_forward_ = false;
 };
