@@ -65,16 +65,29 @@ class ThreadScope {
 
 // The most recently built layer, reused by consecutive benchmarks of the same configuration
 // (only threads and pass vary between them), so that big expert banks are initialised once.
+// One slot for all layer types: the previous layer is freed before the next is built, so that
+// a 10 GB bank of 128 big experts does not stay resident (and keep the kernel's memory
+// reclaim busy) while later benchmarks run.
+struct LayerSlot {
+  std::shared_ptr<void> layer;
+  std::string key;
+};
+LayerSlot& layer_slot() {
+  static LayerSlot slot;
+  return slot;
+}
+
 template <class Layer, class Config>
 Layer& cached_layer(const std::string& key, const Config& config) {
-  static std::unique_ptr<Layer> layer;
-  static std::string layer_key;
-  if (!layer || layer_key != key) {
+  std::shared_ptr<void>& layer = layer_slot().layer;
+  std::string& layer_key = layer_slot().key;
+  const std::string full_key = std::string(typeid(Layer).name()) + "/" + key;
+  if (!layer || layer_key != full_key) {
     layer.reset();  // free the old one first
-    layer = std::make_unique<Layer>(config);
-    layer_key = key;
+    layer = std::make_shared<Layer>(config);
+    layer_key = full_key;
   }
-  return *layer;
+  return *static_cast<Layer*>(layer.get());
 }
 
 template <class Policy>
