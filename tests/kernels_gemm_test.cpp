@@ -447,9 +447,7 @@ TYPED_TEST(GemmPathTest, PackedEpilogueVisitsEveryFinishedElementOnce) {
     EXPECT_EQ(bad_calls.load(), 0);
     for (std::size_t e = 0; e < run.size(); ++e) {
       for (const std::atomic<int>& v : visits[e]) ASSERT_EQ(v.load(), 1) << "problem " << e;
-      EXPECT_EQ(0, std::memcmp(expected[e].c.data(), run[e].c.data(),
-                               expected[e].c.size() * sizeof(float)))
-          << "problem " << e << ", " << threads << " threads";
+      EXPECT_EQ(expected[e].c, run[e].c) << "problem " << e << ", " << threads << " threads";
     }
   }
   omp_set_num_threads(saved);
