@@ -187,13 +187,16 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
     for (int ic = 0; ic < rows; ic += Kernel::kMc) {
       const int mc = std::min(Kernel::kMc, rows - ic);
       pack_panels<Kernel, Kernel::kMr>(a, i0 + ic, mc, p0, kc, a_pack);
-      // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2.
+      // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2. The first
+      // row tile of each micro-panel prefetches the next one (contiguous in both packed
+      // layouts), which hides memory latency when thin experts stream their weights.
       for (int jr = 0; jr < nc; jr += Kernel::kNr) {
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
         for (int ir = 0; ir < mc; ir += Kernel::kMr) {
           float* cij = p.c + static_cast<std::ptrdiff_t>(i0 + ic + ir) * p.ldc + (j0 + jr);
           Kernel::run(steps, a_pack + (ir / Kernel::kMr) * a_panel, bj, cij, p.ldc, beta,
-                      std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr));
+                      std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr),
+                      ir == 0 ? bj + b_panel : nullptr);
         }
       }
       if (p0 + kc == p.k) finish(i0 + ic, mc, j0, nc);

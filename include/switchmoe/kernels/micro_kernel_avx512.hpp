@@ -140,13 +140,15 @@ struct Avx512Tile {
   // Zeroes the accumulators of the first kRowsUsed (>= rows) rows, adds `steps` packed k-steps
   // with `step(rows_used, lo, hi, a, b)` (a, b point at
   // the step's A and B values; the A and B pointers advance by a_stride / b_stride packed
-  // elements per step), then stores C = acc + beta * C.
+  // elements per step), then stores C = acc + beta * C. When `b_next` is not null, each step
+  // also prefetches into L2 the matching step of the B micro-panel the caller uses next, so
+  // that weights streamed from memory arrive while this tile computes.
   template <int kRowsUsed, class Packed, class Step>
   static inline __attribute__((always_inline)) void run_tile(int steps, const Packed* a,
                                                              int a_stride, const Packed* b,
                                                              int b_stride, float* c, int ldc,
                                                              float beta, int rows, int cols,
-                                                             Step step) {
+                                                             const Packed* b_next, Step step) {
     prefetch_c(c, ldc, rows);
     __m512 lo[kMr];
     __m512 hi[kMr];
@@ -155,10 +157,21 @@ struct Avx512Tile {
       lo[i] = _mm512_setzero_ps();
       hi[i] = _mm512_setzero_ps();
     }
-    for (int s = 0; s < steps; ++s) {
-      step(std::integral_constant<int, kRowsUsed>(), lo, hi, a, b);
-      a += a_stride;
-      b += b_stride;
+    if (b_next != nullptr) {
+      for (int s = 0; s < steps; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(b_next), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(b_next) + 64, _MM_HINT_T1);
+        step(std::integral_constant<int, kRowsUsed>(), lo, hi, a, b);
+        a += a_stride;
+        b += b_stride;
+        b_next += b_stride;
+      }
+    } else {
+      for (int s = 0; s < steps; ++s) {
+        step(std::integral_constant<int, kRowsUsed>(), lo, hi, a, b);
+        a += a_stride;
+        b += b_stride;
+      }
     }
     store(lo, hi, c, ldc, beta, rows, cols);
   }
@@ -222,10 +235,10 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
-                  int rows, int cols) {
+                  int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_tile<decltype(rows_used)::value>(
-          steps, a, kMr, b, kNr, c, ldc, beta, rows, cols,
+          steps, a, kMr, b, kNr, c, ldc, beta, rows, cols, b_next,
           [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
               __attribute__((always_inline)) {
                 const __m512 b_lo = _mm512_load_ps(bs);
@@ -310,10 +323,10 @@ struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
-                  int rows, int cols) {
+                  int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_tile<decltype(rows_used)::value>(
-          steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols,
+          steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols, b_next,
           [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
               __attribute__((always_inline)) {
                 const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));

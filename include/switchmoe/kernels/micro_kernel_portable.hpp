@@ -37,9 +37,10 @@ struct MicroKernel<isa::Portable, T> {
   }
 
   // C[rows, cols] (leading dimension ldc) = A_panel * B_panel + beta * C over `steps` k-steps;
-  // beta == 0 overwrites C without reading it.
+  // beta == 0 overwrites C without reading it. `b_next` (the B micro-panel used next) is a
+  // prefetch hint that the portable kernel leaves to the hardware.
   static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
-                  int rows, int cols) {
+                  int rows, int cols, const Packed* /*b_next*/ = nullptr) {
     float acc[kMr][kNr] = {};
     for (int s = 0; s < steps; ++s) {
       const float* as = a + s * kMr;
