@@ -15,8 +15,9 @@ Two rates are shown for every benchmark:
     cycles the benchmark got. On a shared machine the wall rate depends on the other load; the
     cpu rate much less (spin-waiting OpenMP threads count as busy: OMP_WAIT_POLICY=passive
     leaves them out).
-Percentages are of the peak measured in the same JSON (peak_fp32_fma / peak_bf16_dot,
-threads:1): wall rate / (threads * wall peak per core), cpu rate / cpu peak per core.
+Every rate is the median of all measurements of that benchmark in the given files (repetitions
+and separate runs are pooled). Percentages are of the peaks measured in the same files
+(peak_fp32_fma / peak_bf16_dot, threads:1): wall rate / (threads * wall peak per core), cpu rate / cpu peak per core.
 """
 
 import argparse
@@ -32,22 +33,30 @@ TIME_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def load(paths):
-    """Benchmark entries by name; with repetitions, the median aggregate."""
-    runs, medians = OrderedDict(), {}
+    """Benchmark entries by name. All measurements of one benchmark are pooled, whether they
+    are repetitions of one run or come from several JSON files (runs at different times on a
+    shared machine): the entry is the measured run with the median wall time. Google
+    Benchmark's own aggregates are ignored, so that pooling does not weight files unevenly."""
+    pooled = OrderedDict()
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         for b in data.get("benchmarks", []):
-            if b.get("error_occurred"):
+            if b.get("error_occurred") or b.get("run_type") == "aggregate":
                 continue
-            name = b.get("run_name", b["name"])
-            if b.get("run_type") == "aggregate":
-                if b.get("aggregate_name") == "median":
-                    medians[name] = b
-            else:
-                runs.setdefault(name, b)
-    runs.update(medians)
-    return runs
+            pooled.setdefault(b.get("run_name", b["name"]), []).append(b)
+    return OrderedDict((name, median_run(runs)) for name, runs in pooled.items())
+
+
+def median_run(runs):
+    """The run with the median wall time (the lower middle one of an even count)."""
+    def seconds(b):
+        return b["real_time"] * TIME_UNIT_SECONDS[b.get("time_unit", "ns")]
+
+    ordered = sorted(runs, key=seconds)
+    entry = dict(ordered[(len(ordered) - 1) // 2])
+    entry["samples"] = len(ordered)
+    return entry
 
 
 def fields(name):
@@ -220,8 +229,11 @@ def targets_section(runs, peak):
         rate[key] = b.get("GFLOPS")
     if not time:
         return []
+    samples = sorted({b.get("samples", 1) for b in runs.values()})
+    counts = "-".join(str(n) for n in (samples[:1] + samples[-1:] if len(samples) > 1 else samples))
     lines = ["## Issue #4 targets", "",
-             "Wall-clock rates; percentages of the 2-core peak measured in this run.", "",
+             "Wall-clock rates, each the median of %s measurements; percentages of the 2-core "
+             "peak measured in the same runs." % counts, "",
              "| target | measured | goal |", "|---|---:|---:|"]
 
     def pct_of_peak(key):
