@@ -22,6 +22,17 @@ namespace switchmoe_bench {
 inline constexpr int kPeakChains = 24;  // > latency x throughput (4 x 2) with margin
 inline constexpr int kPeakInnerIters = 4096;
 
+// Sets counter `amount_name` to `giga`, the amount one thread handles per iteration in 10^9
+// units (Google Benchmark sums it over threads, so amount / cpu_time is a per-core rate), and
+// `rate_name` to that amount per wall-clock second and thread.
+inline void set_amount_counters(benchmark::State& state, const char* amount_name,
+                                const char* rate_name, double giga) {
+  state.counters[amount_name] = giga;
+  state.counters[rate_name] =
+      benchmark::Counter(giga * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+}
+
 #if defined(__AVX512F__)
 inline void BM_peak_fp32_fma(benchmark::State& state) {
   __m512 acc[kPeakChains];
@@ -36,11 +47,7 @@ inline void BM_peak_fp32_fma(benchmark::State& state) {
 #pragma GCC unroll 32
     for (int i = 0; i < kPeakChains; ++i) benchmark::DoNotOptimize(acc[i]);
   }
-  const double flops = 2.0 * 16 * kPeakChains * kPeakInnerIters;
-  state.counters["GFLOP"] = flops * 1e-9;  // per iteration of one thread
-  state.counters["GFLOPS"] =
-      benchmark::Counter(flops * 1e-9 * state.iterations(),
-                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+  set_amount_counters(state, "GFLOP", "GFLOPS", 2.0 * 16 * kPeakChains * kPeakInnerIters * 1e-9);
 }
 BENCHMARK(BM_peak_fp32_fma)->Name("peak_fp32_fma")->UseRealTime()->Threads(1)->Threads(2);
 #endif
@@ -59,11 +66,7 @@ inline void BM_peak_bf16_dot(benchmark::State& state) {
 #pragma GCC unroll 32
     for (int i = 0; i < kPeakChains; ++i) benchmark::DoNotOptimize(acc[i]);
   }
-  const double flops = 4.0 * 16 * kPeakChains * kPeakInnerIters;
-  state.counters["GFLOP"] = flops * 1e-9;  // per iteration of one thread
-  state.counters["GFLOPS"] =
-      benchmark::Counter(flops * 1e-9 * state.iterations(),
-                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+  set_amount_counters(state, "GFLOP", "GFLOPS", 4.0 * 16 * kPeakChains * kPeakInnerIters * 1e-9);
 }
 BENCHMARK(BM_peak_bf16_dot)->Name("peak_bf16_dot")->UseRealTime()->Threads(1)->Threads(2);
 #endif
@@ -91,11 +94,7 @@ inline void BM_peak_mem_read(benchmark::State& state) {
     }
     for (const __m512& a : acc) benchmark::DoNotOptimize(a);
   }
-  const double bytes = static_cast<double>(kFloats) * sizeof(float);
-  state.counters["GB"] = bytes * 1e-9;  // per iteration of one thread
-  state.counters["GBs"] =
-      benchmark::Counter(bytes * 1e-9 * state.iterations(),
-                         benchmark::Counter::kIsRate | benchmark::Counter::kAvgThreads);
+  set_amount_counters(state, "GB", "GBs", static_cast<double>(kFloats) * sizeof(float) * 1e-9);
 }
 BENCHMARK(BM_peak_mem_read)->Name("peak_mem_read")->UseRealTime()->Threads(1)->Threads(2);
 #endif

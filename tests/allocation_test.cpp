@@ -7,11 +7,11 @@
 #include <omp.h>
 
 #include <cstring>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "support/allocation_counter.hpp"  // first: it configures Eigen
+#include "support/matrices.hpp"
 #include "switchmoe/dispatch/dispatch_plan.hpp"
 #include "switchmoe/layers/stats.hpp"
 #include "switchmoe/routing/route.hpp"
@@ -30,43 +30,12 @@ using switchmoe::RoutingOptions;
 using switchmoe::RoutingStats;
 using switchmoe_test::AllocationCount;
 using switchmoe_test::count_allocations;
-
-Matrix<float> random_matrix(Eigen::Index rows, Eigen::Index cols, unsigned seed,
-                            float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, scale);
-  Matrix<float> m(rows, cols);
-  for (Eigen::Index r = 0; r < rows; ++r) {
-    for (Eigen::Index c = 0; c < cols; ++c) m(r, c) = normal(rng);
-  }
-  return m;
-}
+using switchmoe_test::random_matrix;
+using switchmoe_test::SameBits;
 
 std::string describe(const AllocationCount& count) {
   return std::to_string(count.operator_new) + " operator new, " + std::to_string(count.eigen) +
          " Eigen";
-}
-
-// Same shape and the same bits in every element.
-template <class Derived, class OtherDerived>
-::testing::AssertionResult SameBits(const Eigen::DenseBase<Derived>& got,
-                                    const Eigen::DenseBase<OtherDerived>& want) {
-  if (got.rows() != want.rows() || got.cols() != want.cols()) {
-    return ::testing::AssertionFailure()
-           << "shape [" << got.rows() << ", " << got.cols() << "], expected [" << want.rows()
-           << ", " << want.cols() << "]";
-  }
-  for (Eigen::Index r = 0; r < got.rows(); ++r) {
-    for (Eigen::Index c = 0; c < got.cols(); ++c) {
-      const auto a = got(r, c);
-      const auto b = want(r, c);
-      if (std::memcmp(&a, &b, sizeof(a)) != 0) {
-        return ::testing::AssertionFailure()
-               << "element (" << r << ", " << c << ") is " << a << ", expected " << b;
-      }
-    }
-  }
-  return ::testing::AssertionSuccess();
 }
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(a)) == 0; }

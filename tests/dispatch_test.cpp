@@ -83,6 +83,12 @@ TEST(DispatchPlan, GatherAndCombine) {
     for (int j = 0; j < 3; ++j)
       EXPECT_EQ(static_cast<float>(xb(row, j)),
                 static_cast<float>(static_cast<Eigen::bfloat16>(x(plan.token[row], j))));
+  // Into a view of kept storage: the same rows; a view of the wrong shape is refused.
+  Matrix<float> storage = Matrix<float>::Zero(9, 3);
+  switchmoe::gather<float>(x, plan, storage.topRows(7));
+  EXPECT_EQ(storage.topRows(7), xg);
+  EXPECT_EQ(storage.bottomRows(2), Matrix<float>::Zero(2, 3));
+  EXPECT_THROW(switchmoe::gather<float>(x, plan, storage.topRows(6)), std::invalid_argument);
   // Combine: yg rows are distinct, y[t] = sum over kept c of gate(t,c) * yg[row(t,c)].
   Matrix<float> yg(7, 2);
   for (int row = 0; row < 7; ++row) yg.row(row) << float(row + 1), float(10 * (row + 1));

@@ -6,11 +6,11 @@
 
 #include <gtest/gtest.h>
 
-#include <random>
 #include <set>
 #include <vector>
 
 #include "support/allocation_counter.hpp"  // first: configures Eigen
+#include "support/matrices.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -18,19 +18,10 @@ namespace {
 using switchmoe::Matrix;
 using switchmoe::Mode;
 using switchmoe_test::count_allocations;
-
-Matrix<float> random_matrix(int rows, int cols, unsigned seed, float scale) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  Matrix<float> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
+using switchmoe_test::random_matrix;
 
 void expect_same(const Matrix<float>& a, const Matrix<float>& b, const char* what, int call) {
-  ASSERT_EQ(a.rows(), b.rows()) << what << ", call " << call;
-  ASSERT_EQ(a.cols(), b.cols()) << what << ", call " << call;
-  EXPECT_TRUE((a.array() == b.array()).all()) << what << " differs at call " << call;
+  EXPECT_TRUE(switchmoe_test::SameBits(a, b)) << what << ", call " << call;
 }
 
 constexpr int kTokens = 512, kDModel = 64, kDff = 96;

@@ -130,13 +130,22 @@ inline DispatchPlan make_dispatch_plan(const Routing& routing, int num_experts) 
   return plan;
 }
 
-/// xg[r] = T(x[token[r]]): [rows, d_model] in the expert element type.
+/// xg[r] = T(x[token[r]]) into xg, which must already be [rows, d_model] (e.g. a view of a
+/// buffer kept between calls; call as gather<T>(x, plan, view)).
 template <class T>
-void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan, Matrix<T>& xg) {
-  xg.resize(plan.num_rows(), x.cols());
+void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan,
+            Eigen::Ref<Matrix<T>> xg) {
+  detail::check_shape("xg", xg, plan.num_rows(), x.cols());
   detail::parallel_for(plan.num_rows(), x.cols(), [&](Eigen::Index r) {
     xg.row(r) = x.row(plan.token[r]).template cast<T>();
   });
+}
+
+/// xg[r] = T(x[token[r]]): xg resized to [rows, d_model] in the expert element type.
+template <class T>
+void gather(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan, Matrix<T>& xg) {
+  xg.resize(plan.num_rows(), x.cols());
+  gather<T>(x, plan, Eigen::Ref<Matrix<T>>(xg));
 }
 
 /// y[t] = sum over kept choices c, in order: gate(t, c) * yg[row(t, c)]; 0 if all dropped.

@@ -209,11 +209,11 @@ class SwitchLayer {
     dxg_.reserve(max_rows * d_model);
     row_keys_.reserve(static_cast<std::size_t>(max_rows));
     auto xg = xg_.resize(rows, d_model);  // gathered tokens, Element
+    gather<Element>(x, plan_, xg);
     row_keys_.resize(static_cast<std::size_t>(rows));
-    detail::parallel_for(rows, d_model, [&](Eigen::Index r) {
-      xg.row(r) = x.row(plan_.token[r]).template cast<Element>();
+    for (Eigen::Index r = 0; r < rows; ++r) {
       row_keys_[r] = static_cast<std::uint64_t>(plan_.token[r]) * plan_.top_k + plan_.choice[r];
-    });
+    }
     auto yg = yg_.resize(rows, d_model);  // expert outputs before the gates
     experts_.forward(xg, plan_.offsets, mode, row_keys_, yg);
     combine(yg, plan_, routing, y);

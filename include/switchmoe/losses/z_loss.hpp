@@ -35,24 +35,17 @@ inline float router_z_loss(const Eigen::Ref<const Matrix<float>>& logits) {
 
 namespace detail {
 
-/// Calls visit(t, e0, row) for every token t and chunk of experts [e0, e0 + row.size()), where
-/// `row` ([1, chunk]) is d z / d logits(t, e0 + i) = 2 * lse_t * softmax(logits_t) / tokens. The
-/// chunks live on the stack: no heap scratch.
+/// Calls visit(t, e, g) for every element, where g = d z / d logits(t, e)
+/// = 2 * lse_t * softmax(logits_t)_e / tokens, in float32.
 template <class Visit>
-void for_each_router_z_loss_grad_row(const Eigen::Ref<const Matrix<float>>& logits,
-                                     const Visit& visit) {
-  constexpr Eigen::Index kChunk = 256;  // experts per stack buffer
-  float row[kChunk];
+void for_each_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits,
+                                 const Visit& visit) {
   const double tokens = static_cast<double>(logits.rows());
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     const double lse = logsumexp(logits.row(t));
-    for (Eigen::Index e0 = 0; e0 < logits.cols(); e0 += kChunk) {
-      const Eigen::Index n = std::min(kChunk, logits.cols() - e0);
-      for (Eigen::Index i = 0; i < n; ++i) {
-        const double logit = static_cast<double>(logits(t, e0 + i));
-        row[i] = static_cast<float>(2.0 * lse * std::exp(logit - lse) / tokens);
-      }
-      visit(t, e0, Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(row, n));
+    for (Eigen::Index e = 0; e < logits.cols(); ++e) {
+      const double logit = static_cast<double>(logits(t, e));
+      visit(t, e, static_cast<float>(2.0 * lse * std::exp(logit - lse) / tokens));
     }
   }
 }
@@ -62,9 +55,8 @@ inline void add_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits
                                    Matrix<float>& target) {
   check_finite("logits", logits);
   check_shape("target", target, logits.rows(), logits.cols());
-  for_each_router_z_loss_grad_row(logits, [&](Eigen::Index t, Eigen::Index e0, const auto& row) {
-    target.row(t).segment(e0, row.size()) += coef * row;
-  });
+  for_each_router_z_loss_grad(
+      logits, [&](Eigen::Index t, Eigen::Index e, float g) { target(t, e) += coef * g; });
 }
 
 }  // namespace detail
@@ -74,10 +66,8 @@ inline void add_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits
 inline void router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits, Matrix<float>& grad) {
   detail::check_finite("logits", logits);
   grad.resize(logits.rows(), logits.cols());
-  detail::for_each_router_z_loss_grad_row(logits,
-                                          [&](Eigen::Index t, Eigen::Index e0, const auto& row) {
-                                            grad.row(t).segment(e0, row.size()) = row;
-                                          });
+  detail::for_each_router_z_loss_grad(
+      logits, [&](Eigen::Index t, Eigen::Index e, float g) { grad(t, e) = g; });
 }
 
 /// d z / d logits, [tokens, experts].
