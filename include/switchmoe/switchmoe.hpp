@@ -19,3 +19,5 @@
 #include "switchmoe/routing/options.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
+#include "switchmoe/routing/scheme.hpp"
+#include "switchmoe/dispatch/exchange.hpp"

@@ -34,11 +34,11 @@ std::string expert_load_lines(Run<Policy>& run) {
   std::string out;
   for (const auto& [block, load] : run.take_expert_loads()) {
     std::string counts;
-    for (double n : load.routed) counts += strprintf(" %.0f", n / load.calls);
-    out +=
-        strprintf("    %s block %d: tokens/expert%s | dropped %.1f%% | mean gate %.2f\n",
-                  run.name().c_str(), block, counts.c_str(),
-                  100.0 * load.dropped_fraction / load.calls, load.router_confidence / load.calls);
+    for (int n : load.stats.tokens_per_expert)
+      counts += strprintf(" %.0f", static_cast<double>(n) / load.calls);
+    out += strprintf("    %s block %d: tokens/expert%s | dropped %.1f%% | mean gate %.2f\n",
+                     run.name().c_str(), block, counts.c_str(), 100.0 * load.stats.dropped_fraction,
+                     load.stats.router_confidence);
   }
   return out;
 }

@@ -14,25 +14,14 @@
 
 namespace switch_lm {
 
-// Per-call expert load of one Switch layer, copied out of the library's RoutingStats.
+// Expert load of one Switch layer accumulated over forward calls: the library's statistics,
+// merged call by call (RoutingStats::merge keeps the counts, so fractions stay exact).
 struct ExpertLoad {
-  std::vector<double> routed;  // [experts] tokens that chose each expert (before capacity)
-  std::vector<double> kept;    // [experts] tokens each expert processed (after capacity)
-  double dropped_fraction = 0.0;
-  double router_confidence = 0.0;  // mean gate of kept choices
-  int calls = 0;                   // number of forward calls accumulated (for averages)
+  switchmoe::RoutingStats stats;
+  int calls = 0;  // number of forward calls accumulated (for per-call averages)
 
   void accumulate(const ExpertLoad& other) {
-    if (routed.empty()) {
-      routed.assign(other.routed.size(), 0.0);
-      kept.assign(other.kept.size(), 0.0);
-    }
-    for (std::size_t e = 0; e < routed.size(); ++e) {
-      routed[e] += other.routed[e];
-      kept[e] += other.kept[e];
-    }
-    dropped_fraction += other.dropped_fraction;
-    router_confidence += other.router_confidence;
+    stats.merge(other.stats);
     calls += other.calls;
   }
 };
@@ -71,12 +60,13 @@ class FeedForward {
 
   // Library names are prefixed; only the experts' (and dense) weight matrices get weight decay,
   // not biases and not the router (it is small and the load-balancing loss already shapes it).
+  // The library says what each tensor is, so no name is matched.
   void parameters(ParamList<float>& out, const std::string& prefix) {
     std::visit(
         [&](auto& layer) {
           for (const auto& p : layer->parameters()) {
-            const bool matrix = ends_with(p.name, "w_in") || ends_with(p.name, "w_out");
-            out.push_back({prefix + p.name, p.value, p.grad, matrix});
+            const bool decay = p.is_weight() && p.owner != switchmoe::ParameterOwner::kRouter;
+            out.push_back({prefix + p.name, p.value, p.grad, decay, 1.0, p.owner, p.expert});
           }
         },
         layer_);
@@ -88,20 +78,7 @@ class FeedForward {
   const ExpertLoad& load() const { return load_; }
 
  private:
-  static bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() &&
-           s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-  }
-
-  static ExpertLoad expert_load(const switchmoe::RoutingStats& stats) {
-    ExpertLoad load;
-    load.routed.assign(stats.tokens_per_expert.begin(), stats.tokens_per_expert.end());
-    load.kept.assign(stats.kept_tokens_per_expert.begin(), stats.kept_tokens_per_expert.end());
-    load.dropped_fraction = static_cast<double>(stats.dropped_fraction);
-    load.router_confidence = static_cast<double>(stats.router_confidence);
-    load.calls = 1;
-    return load;
-  }
+  static ExpertLoad expert_load(const switchmoe::RoutingStats& stats) { return {stats, 1}; }
 
   std::variant<std::unique_ptr<Dense>, std::unique_ptr<Switch>> layer_;
   double aux_loss_ = 0.0;

@@ -23,6 +23,10 @@ struct ParamRef {
   bool weight_decay =
       false;              // AdamW decays matrices of linear maps only (not norms, biases, tables)
   double lr_scale = 1.0;  // multiplies the learning rate of this tensor
+  // Which part of a feed-forward layer the tensor belongs to (kDense for the model's own
+  // tensors), and the global expert index for routed experts' tensors (-1 otherwise).
+  switchmoe::ParameterOwner owner = switchmoe::ParameterOwner::kDense;
+  int expert = -1;
 };
 
 template <class T>

@@ -110,8 +110,8 @@ class Run {
     ParamList<float> params = model_.parameters();
     if (moe_) {
       for (auto& p : params) {
-        if (p.name.find(".router.") != std::string::npos) p.lr_scale = moe_->router_lr_scale;
-        if (p.name.find(".experts.") != std::string::npos)
+        if (p.owner == switchmoe::ParameterOwner::kRouter) p.lr_scale = moe_->router_lr_scale;
+        if (p.owner == switchmoe::ParameterOwner::kExpert)
           p.weight_decay &= moe_->expert_weight_decay;
       }
     }
@@ -192,8 +192,7 @@ class Run {
   std::size_t active_parameter_count() {
     std::size_t n = 0;
     for (const auto& p : model_.parameters()) {
-      const auto pos = p.name.find(".experts.");
-      if (pos != std::string::npos && p.name.compare(pos, 11, ".experts.0.") != 0) continue;
+      if (p.owner == switchmoe::ParameterOwner::kExpert && p.expert != 0) continue;
       n += static_cast<std::size_t>(p.value->size());
     }
     return n;

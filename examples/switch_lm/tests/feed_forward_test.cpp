@@ -85,15 +85,21 @@ TEST(FeedForwardTest, SwitchReportsExpertLoadAndAuxLoss) {
   EXPECT_TRUE(ffn.is_switch());
   ffn.forward(random_matrix<float>(32, 8, 7), switchmoe::Mode::kTrain);
   const ExpertLoad& load = ffn.load();
-  ASSERT_EQ(load.routed.size(), 4u);
+  ASSERT_EQ(load.stats.tokens_per_expert.size(), 4u);
   double routed = 0.0, kept = 0.0;
   for (std::size_t e = 0; e < 4; ++e) {
-    routed += load.routed[e];
-    kept += load.kept[e];
-    EXPECT_LE(load.kept[e], load.routed[e]);
+    routed += load.stats.tokens_per_expert[e];
+    kept += load.stats.kept_tokens_per_expert[e];
+    EXPECT_LE(load.stats.kept_tokens_per_expert[e], load.stats.tokens_per_expert[e]);
   }
   EXPECT_EQ(routed, 32.0);
-  EXPECT_NEAR(load.dropped_fraction, (routed - kept) / routed, 1e-6);
+  EXPECT_NEAR(load.stats.dropped_fraction, (routed - kept) / routed, 1e-6);
+  // Accumulating a second call doubles the counts and keeps the fraction.
+  ExpertLoad twice = load;
+  twice.accumulate(load);
+  EXPECT_EQ(twice.calls, 2);
+  EXPECT_EQ(twice.stats.tokens, 64);
+  EXPECT_NEAR(twice.stats.dropped_fraction, (routed - kept) / routed, 1e-12);
   EXPECT_GT(ffn.aux_loss(), 0.0);  // alpha * aux with aux >= 1 at any balance
 }
 

@@ -33,6 +33,13 @@ template <class... Pieces>
   throw std::invalid_argument(message.str());
 }
 
+/// Rejects a Mode that is not one of the enumerators (e.g. cast from an integer).
+inline void check_mode(Mode mode) {
+  if (mode != Mode::kTrain && mode != Mode::kEval) {
+    fail("mode is ", static_cast<int>(mode), ", expected Mode::kTrain or Mode::kEval");
+  }
+}
+
 /// Checks that `matrix` is [rows, cols]; a negative expectation means "any".
 template <class Derived>
 void check_shape(const char* name, const Eigen::DenseBase<Derived>& matrix, Eigen::Index rows,

@@ -33,9 +33,17 @@ struct FeedForwardConfig {
   float dropout = 0.0f;     // on the hidden activation, training only
   float init_scale = 0.1f;  // SEMANTICS 11
   std::uint64_t seed = 0;
+  // Global index of the bank's first FFN: a bank may hold the slice [first_ffn, first_ffn +
+  // num_ffns) of a layer's experts (expert parallelism, SEMANTICS 21). Initialization streams,
+  // accessors and parameter names use global indices, so a slice starts with exactly the weights
+  // the same experts have in a bank of all of them.
+  int first_ffn = 0;
 };
 
-template <class Policy, class Activation>
+/// Policy: precision (SEMANTICS 13). Activation: the hidden activation. Isa: the instruction-set
+/// tag of the kernels (part of the type, so that code compiled for different targets never
+/// shares one class layout under one name).
+template <class Policy, class Activation, class Isa = kernels::isa::Native>
 class FeedForwardBank {
   static_assert(is_precision_v<Policy>,
                 "FeedForwardBank's first template argument must be a switchmoe precision policy.");
@@ -47,9 +55,13 @@ class FeedForwardBank {
   using Element = typename Policy::Element;
   using PolicyType = Policy;
   using ActivationType = Activation;
+  using IsaType = Isa;
 
   explicit FeedForwardBank(const FeedForwardConfig& config) : config_(config) {
     if (config.num_ffns < 1) detail::fail("num_experts is ", config.num_ffns, ", expected >= 1");
+    if (config.first_ffn < 0) {
+      detail::fail("first_ffn is ", config.first_ffn, ", expected >= 0");
+    }
     if (config.d_model < 1) detail::fail("d_model is ", config.d_model, ", expected >= 1");
     if (config.d_ff < 1) detail::fail("d_ff is ", config.d_ff, ", expected >= 1");
     if (!(config.dropout >= 0.0f && config.dropout < 1.0f)) {
@@ -67,8 +79,10 @@ class FeedForwardBank {
     for (int e = 0; e < n; ++e) {
       w_in_[e].resize(config.d_model, config.d_ff);
       w_out_[e].resize(config.d_ff, config.d_model);
-      truncated_normal_init(w_in_[e], config.init_scale, config.d_model, config.seed, 2 * e + 1);
-      truncated_normal_init(w_out_[e], config.init_scale, config.d_ff, config.seed, 2 * e + 2);
+      const std::uint64_t global = static_cast<std::uint64_t>(config.first_ffn) + e;
+      truncated_normal_init(w_in_[e], config.init_scale, config.d_model, config.seed,
+                            2 * global + 1);
+      truncated_normal_init(w_out_[e], config.init_scale, config.d_ff, config.seed, 2 * global + 2);
       b_in_[e] = Matrix<float>::Zero(config.bias ? 1 : 0, config.d_ff);
       b_out_[e] = Matrix<float>::Zero(config.bias ? 1 : 0, config.d_model);
     }
@@ -77,6 +91,7 @@ class FeedForwardBank {
 
   const FeedForwardConfig& config() const { return config_; }
   int size() const { return config_.num_ffns; }
+  int first() const { return config_.first_ffn; }  // global index of the first FFN held
 
   /// Refreshes the compute copies from the master weights now and promises that references
   /// handed out so far will not be written through again: later forwards reuse the copies
@@ -87,18 +102,19 @@ class FeedForwardBank {
     refresh_forward_weights();
   }
 
-  // A non-const reference to a weight may be written through at any later time, so from then on
-  // the expert's compute copy is refreshed at every forward, until sync_weights().
-  Matrix<float>& w_in(int e) { return expose(check_index(e), w_in_[e]); }    // [d_model, d_ff]
-  Matrix<float>& w_out(int e) { return expose(check_index(e), w_out_[e]); }  // [d_ff, d_model]
-  Matrix<float>& b_in(int e) { return b_in_[check_index(e)]; }    // [1, d_ff] (empty: no bias)
-  Matrix<float>& b_out(int e) { return b_out_[check_index(e)]; }  // [1, d_model]
-  const Matrix<float>& w_in(int e) const { return w_in_[check_index(e)]; }
-  const Matrix<float>& w_out(int e) const { return w_out_[check_index(e)]; }
-  Matrix<float>& grad_w_in(int e) { return grad_w_in_[check_index(e)]; }
-  Matrix<float>& grad_w_out(int e) { return grad_w_out_[check_index(e)]; }
-  Matrix<float>& grad_b_in(int e) { return grad_b_in_[check_index(e)]; }
-  Matrix<float>& grad_b_out(int e) { return grad_b_out_[check_index(e)]; }
+  // Accessors take global expert indices. A non-const reference to a weight may be written
+  // through at any later time, so from then on the expert's compute copy is refreshed at every
+  // forward, until sync_weights().
+  Matrix<float>& w_in(int e) { return expose(local(e), w_in_); }    // [d_model, d_ff]
+  Matrix<float>& w_out(int e) { return expose(local(e), w_out_); }  // [d_ff, d_model]
+  Matrix<float>& b_in(int e) { return b_in_[local(e)]; }            // [1, d_ff] (empty: no bias)
+  Matrix<float>& b_out(int e) { return b_out_[local(e)]; }          // [1, d_model]
+  const Matrix<float>& w_in(int e) const { return w_in_[local(e)]; }
+  const Matrix<float>& w_out(int e) const { return w_out_[local(e)]; }
+  Matrix<float>& grad_w_in(int e) { return grad_w_in_[local(e)]; }
+  Matrix<float>& grad_w_out(int e) { return grad_w_out_[local(e)]; }
+  Matrix<float>& grad_b_in(int e) { return grad_b_in_[local(e)]; }
+  Matrix<float>& grad_b_out(int e) { return grad_b_out_[local(e)]; }
 
   void zero_grad() {
     for (int e = 0; e < config_.num_ffns; ++e) {
@@ -109,15 +125,46 @@ class FeedForwardBank {
     }
   }
 
-  /// Parameters named prefix + "<e>.w_in" etc.; with `single` (dense FFN) just prefix + "w_in".
-  void append_parameters(const std::string& prefix, bool single, std::vector<ParameterRef>& out) {
+  /// Parameters named prefix + "<e>.w_in" etc. by global expert index, owned by kExpert; with
+  /// `single` (a dense FFN) just prefix + "w_in", owned by `single_owner`.
+  void append_parameters(const std::string& prefix, bool single, std::vector<ParameterRef>& out,
+                         ParameterOwner single_owner = ParameterOwner::kDense) {
     for (int e = 0; e < config_.num_ffns; ++e) {
-      const std::string p = single ? prefix : prefix + std::to_string(e) + ".";
+      const int global = config_.first_ffn + e;
+      const std::string p = single ? prefix : prefix + std::to_string(global) + ".";
+      const ParameterOwner owner = single ? single_owner : ParameterOwner::kExpert;
+      const int id = single ? -1 : global;
       exposed_[e] = 1;  // the caller may write through the pointers at any time
-      out.push_back({p + "w_in", &w_in_[e], &grad_w_in_[e]});
-      if (config_.bias) out.push_back({p + "b_in", &b_in_[e], &grad_b_in_[e]});
-      out.push_back({p + "w_out", &w_out_[e], &grad_w_out_[e]});
-      if (config_.bias) out.push_back({p + "b_out", &b_out_[e], &grad_b_out_[e]});
+      out.push_back({p + "w_in", &w_in_[e], &grad_w_in_[e], ParameterRole::kWeight, owner, id});
+      if (config_.bias) {
+        out.push_back({p + "b_in", &b_in_[e], &grad_b_in_[e], ParameterRole::kBias, owner, id});
+      }
+      out.push_back({p + "w_out", &w_out_[e], &grad_w_out_[e], ParameterRole::kWeight, owner, id});
+      if (config_.bias) {
+        out.push_back({p + "b_out", &b_out_[e], &grad_b_out_[e], ParameterRole::kBias, owner, id});
+      }
+    }
+  }
+
+  /// Throws std::invalid_argument naming the first master weight or gradient whose shape is no
+  /// longer the configured one (resized through an accessor or a ParameterRef). Cheap: shapes
+  /// only. Every forward and backward runs it before touching the storage.
+  void check_parameter_shapes() const {
+    const int d_model = config_.d_model, d_ff = config_.d_ff, bias = config_.bias ? 1 : 0;
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      check_parameter("w_in", config_.first_ffn + e, w_in_[e], d_model, d_ff);
+      check_parameter("w_out", config_.first_ffn + e, w_out_[e], d_ff, d_model);
+      check_parameter("b_in", config_.first_ffn + e, b_in_[e], bias, d_ff);
+      check_parameter("b_out", config_.first_ffn + e, b_out_[e], bias, d_model);
+    }
+  }
+  void check_gradient_shapes() const {
+    const int d_model = config_.d_model, d_ff = config_.d_ff, bias = config_.bias ? 1 : 0;
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      check_parameter("grad_w_in", config_.first_ffn + e, grad_w_in_[e], d_model, d_ff);
+      check_parameter("grad_w_out", config_.first_ffn + e, grad_w_out_[e], d_ff, d_model);
+      check_parameter("grad_b_in", config_.first_ffn + e, grad_b_in_[e], bias, d_ff);
+      check_parameter("grad_b_out", config_.first_ffn + e, grad_b_out_[e], bias, d_model);
     }
   }
 
@@ -142,6 +189,9 @@ class FeedForwardBank {
   void forward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
                Mode mode, const std::vector<std::uint64_t>& row_keys,
                Eigen::Ref<Matrix<float>> yg) {
+    has_forward_ = false;  // a forward that throws leaves nothing for backward
+    detail::check_mode(mode);
+    check_parameter_shapes();
     check_blocks(xg.rows(), offsets);
     detail::check_shape("x", xg, -1, config_.d_model);
     detail::check_shape("y", yg, xg.rows(), config_.d_model);
@@ -190,6 +240,8 @@ class FeedForwardBank {
   void backward(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
                 const Eigen::Ref<const Matrix<float>>& dyg, Eigen::Ref<Matrix<float>> dxg) {
     if (!has_forward_) detail::fail("backward called before a Mode::kTrain forward");
+    check_parameter_shapes();
+    check_gradient_shapes();
     check_blocks(xg.rows(), offsets);
     detail::check_shape("x", xg, -1, config_.d_model);
     detail::check_shape("dy", dyg, xg.rows(), config_.d_model);
@@ -253,18 +305,30 @@ class FeedForwardBank {
 
  private:
   static constexpr bool kElementIsFloat = std::is_same_v<Element, float>;
-  using PackedWeight = kernels::PackedB<Element>;
+  using PackedWeight = kernels::PackedB<Element, Isa>;
 
-  int check_index(int e) const {
-    if (e < 0 || e >= config_.num_ffns) {
-      detail::fail("expert index is ", e, ", expected in [0, ", config_.num_ffns, ")");
+  /// The local index of global expert e; throws unless the bank holds it.
+  int local(int e) const {
+    const int first = config_.first_ffn;
+    if (e < first || e >= first + config_.num_ffns) {
+      detail::fail("expert index is ", e, ", expected in [", first, ", ", first + config_.num_ffns,
+                   ")", first > 0 ? " (the experts this bank holds)" : "");
     }
-    return e;
+    return e - first;
   }
 
-  Matrix<float>& expose(int e, Matrix<float>& m) {
-    exposed_[e] = 1;
-    return m;
+  Matrix<float>& expose(int i, std::vector<Matrix<float>>& masters) {
+    exposed_[i] = 1;
+    return masters[i];
+  }
+
+  static void check_parameter(const char* name, int e, const Matrix<float>& m, Eigen::Index rows,
+                              Eigen::Index cols) {
+    if (m.rows() != rows || m.cols() != cols) {
+      detail::fail("expert ", e, " ", name, " has shape [", m.rows(), ", ", m.cols(),
+                   "], expected [", rows, ", ", cols,
+                   "] (parameter shapes are fixed by the configuration)");
+    }
   }
 
   void check_blocks(Eigen::Index rows, const std::vector<int>& offsets) const {
@@ -367,8 +431,8 @@ class FeedForwardBank {
       if (m == 0) continue;
       const Eigen::Index first = offsets[e];
       packed_problems_.push_back(
-          kernels::PackedGemmProblem<Element>{m, a + first * lda, lda, kernels::Transpose::kNo,
-                                              &weights[e], c + first * ldc, ldc, 0.0f});
+          kernels::PackedGemmProblem<Element, Isa>{m, a + first * lda, lda, kernels::Transpose::kNo,
+                                                   &weights[e], c + first * ldc, ldc, 0.0f});
       block_expert_.push_back(e);
     }
     if (packed_problems_.empty()) return;
@@ -396,7 +460,7 @@ class FeedForwardBank {
           lda, kernels::Transpose::kYes, b + first * ldb, ldb, kernels::Transpose::kNo,
           grads[e].data(), static_cast<int>(grads[e].cols()), 1.0f});
     }
-    if (!plain_problems_.empty()) kernels::gemm_batch(plain_problems_);
+    if (!plain_problems_.empty()) kernels::gemm_batch<Element, Isa>(plain_problems_);
   }
 
   FeedForwardConfig config_;
@@ -414,7 +478,7 @@ class FeedForwardBank {
   detail::RowBuffer<float> dropout_scale_;  // [rows, d_ff] or empty
   detail::RowBuffer<float> dhidden_;        // [rows, d_ff] backward: dL/dh, then dL/dpre
   detail::RowBuffer<Element> dhidden_element_, dy_element_;  // bf16 copies for the products
-  std::vector<kernels::PackedGemmProblem<Element>> packed_problems_;
+  std::vector<kernels::PackedGemmProblem<Element, Isa>> packed_problems_;
   std::vector<kernels::GemmProblem<Element>> plain_problems_;
   std::vector<int> block_expert_;  // expert of each packed problem
   std::uint64_t dropout_calls_ = 0;

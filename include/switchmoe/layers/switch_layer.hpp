@@ -2,18 +2,33 @@
 // The Switch layer (SEMANTICS 1): route each token, run every expert on its contiguous block of
 // tokens, combine the outputs with the gates. Replaces a transformer's FFN block; the caller's
 // residual connection carries dropped tokens on.
+//
+// The layer composes four parts and does no arithmetic of its own (STYLE: a composite composes,
+// its parts compute). Plain data passes between them:
+//
+//   x --Router--> logits --RoutingScheme--> Routing --plan--> DispatchPlan (token, expert, gate)
+//   x --gather--> rows by expert --Exchange--> ExpertInput --Experts--> outputs --Exchange-->
+//   rows by expert --combine(gates)--> y
+//
+// and backward runs the same chain in reverse (combine_backward, the exchange's gradient trips,
+// the experts' backward, the scheme's backward to dlogits, the router's backward, the adjoint
+// of gather). Each part is a template argument with a default: a new expert type, routing
+// scheme or exchange is a new part, not an edit of this file.
 
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "switchmoe/dispatch/dispatch_plan.hpp"
+#include "switchmoe/dispatch/exchange.hpp"
 #include "switchmoe/experts/activation.hpp"
 #include "switchmoe/experts/expert_ffn.hpp"
 #include "switchmoe/layers/stats.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
+#include "switchmoe/routing/scheme.hpp"
 
 namespace switchmoe {
 
@@ -36,55 +51,85 @@ struct SwitchOutput {
   float loss = 0.0f;  // aux_loss_coef * aux_loss + z_loss_coef * z_loss, to add to the task loss
 };
 
-/// Policy: precision (Fp32, Bf16). Activation: the experts' (Relu, Gelu). RouterT: produces
-/// float32 logits from the tokens (forward, backward, weight, grad_weight, append_parameters);
-/// it must use the same precision policy as the layer.
-template <class Policy = Fp32, class Activation = Relu, class RouterT = Router<Policy>>
+/// Policy: precision (Fp32, Bf16). Activation: the experts' (Relu, Gelu).
+/// RouterT: produces float32 logits from the tokens (Router<Policy>).
+/// ExpertsT: the expert bank, run on rows grouped by expert (FeedForwardBank<Policy, Activation>).
+/// SchemeT: logits to routing, plan and losses (RoutingScheme).
+/// ExchangeT: moves rows to the experts' owners and back (LocalExchange: one process).
+/// All parts must use the layer's precision policy.
+///
+/// Thread safety: one layer object serves one caller at a time (like an Eigen object); distinct
+/// layers may be used from distinct threads concurrently. The OpenMP parallelism inside a call
+/// is the library's own.
+template <class Policy = Fp32, class Activation = Relu, class RouterT = Router<Policy>,
+          class ExpertsT = FeedForwardBank<Policy, Activation>, class SchemeT = RoutingScheme,
+          class ExchangeT = LocalExchange>
 class SwitchLayer {
   static_assert(is_precision_v<Policy>,
                 "SwitchLayer's first template argument must be a switchmoe precision policy "
                 "(switchmoe::Fp32 or switchmoe::Bf16).");
+  static_assert(std::is_same_v<typename RouterT::PolicyType, Policy>,
+                "The router and the SwitchLayer disagree on the precision policy.");
+  static_assert(std::is_same_v<typename ExpertsT::PolicyType, Policy>,
+                "The experts and the SwitchLayer disagree on the precision policy.");
 
  public:
   using PolicyType = Policy;
   using ActivationType = Activation;
-  using Experts = FeedForwardBank<Policy, Activation>;
   using RouterType = RouterT;
-  static_assert(std::is_same_v<typename RouterType::PolicyType, typename Experts::PolicyType>,
-                "The router and the experts of a SwitchLayer disagree on the precision policy.");
+  using Experts = ExpertsT;
+  using Scheme = SchemeT;
+  using Exchange = ExchangeT;
 
-  explicit SwitchLayer(const SwitchConfig& config)
+  explicit SwitchLayer(const SwitchConfig& config, ExchangeT exchange = ExchangeT())
       : config_(checked(config)),
+        exchange_(std::move(exchange)),
         router_(RouterConfig{config.d_model, config.routing.num_experts, config.router_bias,
                              config.jitter_eps, config.init_scale, config.seed}),
-        experts_(FeedForwardConfig{config.routing.num_experts, config.d_model, config.d_ff,
-                                   config.expert_bias, config.expert_dropout, config.init_scale,
-                                   config.seed}) {}
+        experts_(FeedForwardConfig{exchange_.num_local_experts(config.routing.num_experts),
+                                   config.d_model, config.d_ff, config.expert_bias,
+                                   config.expert_dropout, config.init_scale, config.seed,
+                                   exchange_.first_expert(config.routing.num_experts)}),
+        scheme_(config.routing, LossCoefficients{config.aux_loss_coef, config.z_loss_coef}) {
+    router_.append_parameters("router.", router_parameters_);
+  }
 
   const SwitchConfig& config() const { return config_; }
   int num_experts() const { return config_.routing.num_experts; }
 
   Matrix<float>& router_weight() { return router_.weight(); }  // [d_model, experts]
   Matrix<float>& router_bias() { return router_.bias(); }      // [1, experts] or empty
-  Matrix<float>& w_in(int e) { return experts_.w_in(e); }      // [d_model, d_ff]
-  Matrix<float>& w_out(int e) { return experts_.w_out(e); }    // [d_ff, d_model]
-  Matrix<float>& b_in(int e) { return experts_.b_in(e); }      // [1, d_ff]
-  Matrix<float>& b_out(int e) { return experts_.b_out(e); }    // [1, d_model]
   Matrix<float>& grad_router_weight() { return router_.grad_weight(); }
   Matrix<float>& grad_router_bias() { return router_.grad_bias(); }
+  // Per-expert accessors, by global expert index, reached through the expert bank.
+  Matrix<float>& w_in(int e) { return experts_.w_in(e); }    // [d_model, d_ff]
+  Matrix<float>& w_out(int e) { return experts_.w_out(e); }  // [d_ff, d_model]
+  Matrix<float>& b_in(int e) { return experts_.b_in(e); }    // [1, d_ff]
+  Matrix<float>& b_out(int e) { return experts_.b_out(e); }  // [1, d_model]
   Matrix<float>& grad_w_in(int e) { return experts_.grad_w_in(e); }
   Matrix<float>& grad_w_out(int e) { return experts_.grad_w_out(e); }
   Matrix<float>& grad_b_in(int e) { return experts_.grad_b_in(e); }
   Matrix<float>& grad_b_out(int e) { return experts_.grad_b_out(e); }
   RouterType& router() { return router_; }
   Experts& experts() { return experts_; }
+  Scheme& scheme() { return scheme_; }
+  Exchange& exchange() { return exchange_; }
 
   /// Named parameters: "router.weight", ["router.bias"], "experts.<e>.w_in", ["experts.<e>.b_in"],
-  /// "experts.<e>.w_out", ["experts.<e>.b_out"], in that order.
+  /// "experts.<e>.w_out", ["experts.<e>.b_out"], in that order; each with its role, owner and
+  /// (for experts) global expert index.
   std::vector<ParameterRef> parameters() {
     std::vector<ParameterRef> out;
     router_.append_parameters("router.", out);
     experts_.append_parameters("experts.", false, out);
+    return out;
+  }
+
+  /// Layer state that is not trained by gradient (role kBuffer, grad nullptr), which
+  /// checkpoints keep too.
+  std::vector<ParameterRef> buffers() {
+    std::vector<ParameterRef> out;
+    scheme_.append_buffers("routing.", out);
     return out;
   }
 
@@ -106,30 +151,54 @@ class SwitchLayer {
   }
 
   /// As above, into `out`, reusing its storage: once the layer and `out` have seen a call with
-  /// as many tokens, a call allocates nothing.
+  /// as many tokens, a call allocates nothing. On a throw the layer is as before the call (a
+  /// following backward raises "no preceding training forward").
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
-    detail::check_shape("x", x, -1, config_.d_model);
-    detail::check_finite("x", x);
     has_forward_ = false;
-    router_.forward(x, mode, out.routing.logits);
-    route(out.routing.logits, config_.routing, mode, out.routing);
-    apply_experts(x, out.routing, mode, out.y);
-    routing_stats(out.routing, num_experts(), out.stats);
-    out.loss =
-        config_.aux_loss_coef * out.routing.aux_loss + config_.z_loss_coef * out.routing.z_loss;
+    std::exception_ptr error;
+    try {
+      detail::check_mode(mode);
+      check_input("x", x);
+      check_parameter_shapes();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    first_token_ = exchange_.begin_call(x.rows(), error);
+    try {
+      router_.forward(x, mode, out.routing.logits, first_token_);
+      scheme_.route(out.routing.logits, mode, first_token_, out.routing);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    exchange_.agree(error);  // e.g. non-finite logits from a non-finite router weight
+    exchange_.reduce_losses(out.routing, loss_scale_);
+    scheme_.end_route(out.routing, mode, exchange_);  // e.g. state updated from global loads
+    scheme_.plan(out.routing, plan_);
+    apply_experts(x, mode, out.y);
+    detail::routing_stats_unchecked(out.routing, num_experts(), out.stats);
+    exchange_.reduce_stats(out.stats);
+    out.loss = scheme_.loss(out.routing);
     if (mode == Mode::kTrain) routing_ = out.routing;
     has_forward_ = mode == Mode::kTrain;
   }
 
   /// Applies the experts to x [tokens, d_model] under a given routing (no router, no losses,
-  /// evaluation mode). Returns y [tokens, d_model].
+  /// evaluation mode). Returns y [tokens, d_model]. Throws std::invalid_argument if the routing
+  /// is not a consistent routing of x's tokens over this layer's experts.
   Matrix<float> forward(const Eigen::Ref<const Matrix<float>>& x, const Routing& routing) {
-    detail::check_shape("x", x, -1, config_.d_model);
-    detail::check_finite("x", x);
-    detail::check_routing(routing, x.rows(), num_experts());
     has_forward_ = false;
+    std::exception_ptr error;
+    try {
+      check_input("x", x);
+      check_parameter_shapes();
+      detail::check_routing(routing, x.rows(), num_experts());
+      detail::build_dispatch_plan(routing, num_experts(), /*check_slots=*/true, plan_);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    first_token_ = exchange_.begin_call(x.rows(), error);
     Matrix<float> y;
-    apply_experts(x, routing, Mode::kEval, y);
+    apply_experts(x, Mode::kEval, y);
     return y;
   }
 
@@ -145,37 +214,39 @@ class SwitchLayer {
   /// As above, into dx (resized to [tokens, d_model]; no allocation when it already has that
   /// shape).
   void backward(const Eigen::Ref<const Matrix<float>>& dy, Matrix<float>& dx) {
-    if (!has_forward_) {
-      detail::fail("SwitchLayer::backward called without a preceding forward(x, Mode::kTrain)");
-    }
-    const Eigen::Index tokens = routing_.expert.rows();
-    const int k = static_cast<int>(routing_.expert.cols());
-    const int d_model = config_.d_model;
-    detail::check_shape("dy", dy, tokens, d_model);
-    // Combine backward: dyg[r] = gate * dy[t]; dgate(t, c) = dy[t] . yg[r] (kept choices only).
-    const Eigen::Index rows = plan_.num_rows();
-    auto dyg = dyg_.resize(rows, d_model);
-    const auto yg = yg_.view();
-    dgate_.setZero(tokens, k);
-    detail::parallel_for(rows, 2 * d_model, [&](Eigen::Index r) {
-      const int t = plan_.token[r], c = plan_.choice[r];
-      dyg.row(r) = routing_.gate(t, c) * dy.row(t);
-      dgate_(t, c) = dy.row(t).dot(yg.row(r));
-    });
-    auto dxg = dxg_.resize(rows, d_model);
-    experts_.backward(xg_.view(), plan_.offsets, dyg, dxg);
-    route_backward(routing_, dgate_, config_.routing, config_.aux_loss_coef, config_.z_loss_coef,
-                   dlogits_);
-    router_.backward(dlogits_, dx);  // [tokens, d_model]
-    detail::parallel_for(tokens, k * d_model, [&](Eigen::Index t) {
-      for (int c = 0; c < k; ++c) {  // in choice order, so the sum does not depend on threads
-        const int r = plan_.row[t * k + c];
-        if (r >= 0) dx.row(t) += dxg.row(r);
+    std::exception_ptr error;
+    try {
+      if (!has_forward_) {
+        detail::fail("SwitchLayer::backward called without a preceding forward(x, Mode::kTrain)");
       }
-    });
+      detail::check_shape("dy", dy, routing_.num_tokens(), config_.d_model);
+      check_input("dy", dy);
+      check_parameter_shapes();
+      experts_.check_gradient_shapes();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    exchange_.agree(error);
+    const Eigen::Index rows = plan_.num_rows();
+    const int d_model = config_.d_model;
+    // Combine backward: dyg[r] = gate[r] * dy[t]; dgate[r] = dy[t] . yg[r] (kept rows only).
+    auto dyg = dyg_.resize(rows, d_model);
+    detail::combine_backward_rows(dy, yg_.view(), plan_, dyg, dgate_rows_);
+    dxg_.resize(rows, d_model);
+    const ExpertInput<Element> input = exchange_.received(xg_, plan_.offsets, row_keys_);
+    experts_.backward(input.rows, input.offsets, exchange_.dispatch_gradient(dyg_),
+                      exchange_.expert_input_gradient(dxg_));
+    exchange_.return_input_gradient(dxg_);
+    scheme_.backward(routing_, plan_, dgate_rows_, loss_scale_, dlogits_);
+    exchange_.begin_replicated_backward(router_parameters_);
+    router_.backward(dlogits_, dx);  // [tokens, d_model]
+    exchange_.end_replicated_backward(router_parameters_);
+    detail::gather_backward_rows(dxg_.view(), plan_, dx);
   }
 
  private:
+  using Element = typename Policy::Element;
+
   static const SwitchConfig& checked(const SwitchConfig& config) {
     detail::validate(config.routing);
     if (config.d_model < 1)
@@ -188,16 +259,29 @@ class SwitchLayer {
     if (!(config.jitter_eps >= 0.0f && config.jitter_eps < 1.0f)) {
       detail::fail("SwitchConfig::jitter_eps is ", config.jitter_eps, ", expected in [0, 1)");
     }
+    if (!(config.init_scale >= 0.0f) || !std::isfinite(config.init_scale)) {
+      detail::fail("SwitchConfig::init_scale is ", config.init_scale,
+                   ", expected a finite value >= 0");
+    }
+    detail::check_coefficient("SwitchConfig::aux_loss_coef", config.aux_loss_coef);
+    detail::check_coefficient("SwitchConfig::z_loss_coef", config.z_loss_coef);
     return config;
   }
 
-  /// y [tokens, d_model] = the experts applied to x under `routing` (gather, expert bank,
-  /// combine), through buffers kept between calls.
-  void apply_experts(const Eigen::Ref<const Matrix<float>>& x, const Routing& routing, Mode mode,
-                     Matrix<float>& y) {
-    using Element = typename Policy::Element;
+  void check_input(const char* name, const Eigen::Ref<const Matrix<float>>& m) const {
+    detail::check_shape(name, m, -1, config_.d_model);
+    detail::check_finite(name, m);
+  }
+
+  void check_parameter_shapes() const {
+    router_.check_parameter_shapes();
+    experts_.check_parameter_shapes();
+  }
+
+  /// y [tokens, d_model] = the experts applied to x under plan_ (gather, exchange, expert bank,
+  /// exchange, combine), through buffers kept between calls.
+  void apply_experts(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& y) {
     const int d_model = config_.d_model;
-    make_dispatch_plan(routing, num_experts(), plan_);
     const Eigen::Index rows = plan_.num_rows();
     // Reserve for the most rows any routing of this many tokens can keep, so that the buffers
     // stop growing after the first call.
@@ -208,28 +292,36 @@ class SwitchLayer {
     dyg_.reserve(max_rows * d_model);
     dxg_.reserve(max_rows * d_model);
     row_keys_.reserve(static_cast<std::size_t>(max_rows));
-    auto xg = xg_.resize(rows, d_model);  // gathered tokens, Element
-    gather<Element>(x, plan_, xg);
-    row_keys_.resize(static_cast<std::size_t>(rows));
-    for (Eigen::Index r = 0; r < rows; ++r) {
-      row_keys_[r] = static_cast<std::uint64_t>(plan_.token[r]) * plan_.top_k + plan_.choice[r];
-    }
-    auto yg = yg_.resize(rows, d_model);  // expert outputs before the gates
-    experts_.forward(xg, plan_.offsets, mode, row_keys_, yg);
-    combine(yg, plan_, routing, y);
+    auto xg = xg_.resize(rows, d_model);  // [rows, d_model] gathered tokens, Element
+    detail::gather_rows<Element>(x, plan_, xg);
+    detail::row_keys(plan_, first_token_, row_keys_);
+    const ExpertInput<Element> input = exchange_.dispatch(xg_, plan_.offsets, row_keys_);
+    yg_.resize(rows, d_model);  // [rows, d_model] expert outputs before the gates
+    experts_.forward(input.rows, input.offsets, mode, input.dropout_keys,
+                     exchange_.expert_output(yg_));
+    exchange_.return_output(yg_);
+    y.resize(x.rows(), d_model);
+    detail::combine_rows(
+        yg_.view(), plan_, [&](int r) { return plan_.gate[r]; }, Eigen::Ref<Matrix<float>>(y));
   }
 
   SwitchConfig config_;
+  ExchangeT exchange_;  // before the experts: it decides which experts this process holds
   RouterType router_;
   Experts experts_;
+  Scheme scheme_;
+  std::vector<ParameterRef> router_parameters_;  // replicated parameters, for the exchange
   // Kept from the last forward for backward, and per-call buffers (reused, grow only).
   Routing routing_;
   DispatchPlan plan_;
-  detail::RowBuffer<typename Policy::Element> xg_;  // [rows, d_model] gathered tokens
-  detail::RowBuffer<float> yg_;                     // [rows, d_model] expert outputs, no gates
-  detail::RowBuffer<float> dyg_, dxg_;              // [rows, d_model] backward
-  std::vector<std::uint64_t> row_keys_;             // [rows] dropout key of each gathered row
-  Matrix<float> dlogits_, dgate_;                   // [tokens, experts], [tokens, k]
+  LossScale loss_scale_;
+  std::int64_t first_token_ = 0;         // global index of this call's first token
+  detail::RowBuffer<Element> xg_;        // [rows, d_model] gathered tokens
+  detail::RowBuffer<float> yg_;          // [rows, d_model] expert outputs, no gates
+  detail::RowBuffer<float> dyg_, dxg_;   // [rows, d_model] backward
+  std::vector<std::uint64_t> row_keys_;  // [rows] dropout key of each gathered row
+  std::vector<float> dgate_rows_;        // [rows] d loss / d gate of each row
+  Matrix<float> dlogits_;                // [tokens, experts]
   bool has_forward_ = false;
 };
 

@@ -8,11 +8,10 @@
 
 namespace switchmoe {
 
-/// Slots per expert in a group of `group_tokens` tokens. An explicit `expert_capacity` is used
-/// as given. In dropless mode no token can be dropped, so the capacity is the group itself.
-inline int expert_capacity(int group_tokens, const RoutingOptions& options, Mode mode) {
-  detail::validate(options);
-  if (group_tokens < 0) detail::fail("group_tokens is ", group_tokens, ", expected >= 0");
+namespace detail {
+
+/// expert_capacity for validated options, mode and group size.
+inline int expert_capacity_validated(int group_tokens, const RoutingOptions& options, Mode mode) {
   if (options.dropless) return group_tokens;
   if (options.expert_capacity > 0) return options.expert_capacity;
   const double factor =
@@ -21,6 +20,17 @@ inline int expert_capacity(int group_tokens, const RoutingOptions& options, Mode
       std::floor(factor * static_cast<double>(group_tokens) / options.num_experts);
   const int capped = static_cast<int>(std::min<double>(group_tokens, per_expert));
   return std::max(options.min_capacity, capped);
+}
+
+}  // namespace detail
+
+/// Slots per expert in a group of `group_tokens` tokens. An explicit `expert_capacity` is used
+/// as given. In dropless mode no token can be dropped, so the capacity is the group itself.
+inline int expert_capacity(int group_tokens, const RoutingOptions& options, Mode mode) {
+  detail::validate(options);
+  detail::check_mode(mode);
+  if (group_tokens < 0) detail::fail("group_tokens is ", group_tokens, ", expected >= 0");
+  return detail::expert_capacity_validated(group_tokens, options, mode);
 }
 
 }  // namespace switchmoe

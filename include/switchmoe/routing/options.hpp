@@ -64,6 +64,14 @@ struct Routing {
 
 namespace detail {
 
+/// A loss coefficient must be finite (a NaN or infinite one would poison every gradient).
+inline void check_coefficient(const char* name, float value) {
+  if (!std::isfinite(value)) fail(name, " is ", value, ", expected a finite value");
+}
+
+/// coef * loss, exactly 0 when coef is 0 even if the loss overflowed (0 * inf is NaN).
+inline float scaled_loss(float coef, float loss) { return coef == 0.0f ? 0.0f : coef * loss; }
+
 inline void check_capacity_factor(const char* name, double value) {
   if (!(value > 0.0) || !std::isfinite(value)) {
     fail("RoutingOptions::", name, " is ", value, ", expected a finite value > 0");
@@ -91,6 +99,50 @@ inline void validate(const RoutingOptions& options) {
   if (options.group_size < 0) {
     fail("RoutingOptions::group_size is ", options.group_size,
          ", expected >= 0 (0 means one group of all tokens)");
+  }
+  if (options.priority != Priority::kTokenOrder &&
+      options.priority != Priority::kRouterProbability) {
+    fail("RoutingOptions::priority is ", static_cast<int>(options.priority),
+         ", expected Priority::kTokenOrder or Priority::kRouterProbability");
+  }
+}
+
+/// Checks that `routing` is a consistent token-choice routing of `tokens` tokens over
+/// `num_experts` experts: shapes agree, expert ids and slots are in range, gates are finite.
+/// O(tokens * k); public entry points that take a routing from the caller run it once.
+inline void check_routing(const Routing& routing, Eigen::Index tokens, int num_experts) {
+  if (num_experts < 1) fail("num_experts is ", num_experts, ", expected >= 1");
+  const Eigen::Index k = routing.expert.cols();
+  if (routing.group_size < 0 || (routing.group_size > 0 && tokens % routing.group_size != 0)) {
+    fail("routing.group_size is ", routing.group_size, ", expected 0 or a divisor of the ", tokens,
+         " tokens");
+  }
+  // 0: one group of all tokens; a slot is a position in its expert's buffer of the group.
+  const Eigen::Index group = routing.group_size > 0 ? routing.group_size : tokens;
+  if (routing.expert.rows() != tokens) {
+    fail("routing.expert has ", routing.expert.rows(), " rows, expected ", tokens,
+         " (one per token of x)");
+  }
+  if (k < 1 || k > num_experts) {
+    fail("routing.expert has ", k, " columns, expected top_k in [1, ", num_experts, "]");
+  }
+  check_shape("routing.slot", routing.slot, tokens, k);
+  check_shape("routing.gate", routing.gate, tokens, k);
+  if (routing.capacity < 0) fail("routing.capacity is ", routing.capacity, ", expected >= 0");
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    for (Eigen::Index c = 0; c < k; ++c) {
+      if (routing.expert(t, c) < 0 || routing.expert(t, c) >= num_experts) {
+        fail("routing.expert(", t, ", ", c, ") is ", routing.expert(t, c), ", expected in [0, ",
+             num_experts, ")");
+      }
+      if (routing.slot(t, c) < -1 || routing.slot(t, c) >= group) {
+        fail("routing.slot(", t, ", ", c, ") is ", routing.slot(t, c), ", expected in [-1, ", group,
+             ") (-1: dropped; at most one slot per token of the group)");
+      }
+      if (!std::isfinite(routing.gate(t, c))) {
+        fail("routing.gate(", t, ", ", c, ") is ", routing.gate(t, c), ", expected a finite value");
+      }
+    }
   }
 }
 

@@ -79,7 +79,7 @@ inline void assign_slots(Routing& routing, const RoutingOptions& options, Mode m
   const Eigen::Index tokens = routing.expert.rows();
   const int k = static_cast<int>(routing.expert.cols());
   const int g = routing.group_size;
-  const int capacity = expert_capacity(g, options, mode);
+  const int capacity = expert_capacity_validated(g, options, mode);
   routing.slot.resize(tokens, k);
   routing.capacity = options.dropless ? 0 : capacity;
   std::vector<int>& load = routing.scratch.load;
@@ -107,14 +107,12 @@ inline void assign_slots(Routing& routing, const RoutingOptions& options, Mode m
 
 }  // namespace detail
 
-/// Routes tokens given router logits [tokens, experts] into `routing`, reusing its storage:
-/// with the sizes of its previous routing, nothing is allocated. `logits` may be
-/// `routing.logits` itself (e.g. written there by Router::forward), but not a part of it or of
-/// another member of `routing`. Zero tokens give empty results. On a throw (bad options or
-/// logits), `routing` is unchanged.
-inline void route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
-                  Mode mode, Routing& routing) {
-  detail::validate(options);
+namespace detail {
+
+/// route() for options and mode that were validated (e.g. once, at a layer's construction); the
+/// logits are still checked (their width, and that they are finite: a NaN weight shows here).
+inline void route_validated(const Eigen::Ref<const Matrix<float>>& logits,
+                            const RoutingOptions& options, Mode mode, Routing& routing) {
   if (logits.cols() != options.num_experts) {
     detail::fail("logits has ", logits.cols(),
                  " columns, expected num_experts = ", options.num_experts);
@@ -139,7 +137,7 @@ inline void route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOp
   }
   if (logits.rows() == 0) {
     routing.slot.resize(0, options.top_k);
-    routing.capacity = expert_capacity(0, options, mode);
+    routing.capacity = expert_capacity_validated(0, options, mode);
     routing.aux_loss = 0.0f;
     routing.z_loss = 0.0f;
     return;
@@ -150,6 +148,20 @@ inline void route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOp
   routing.z_loss = router_z_loss(logits);
 }
 
+}  // namespace detail
+
+/// Routes tokens given router logits [tokens, experts] into `routing`, reusing its storage:
+/// with the sizes of its previous routing, nothing is allocated. `logits` may be
+/// `routing.logits` itself (e.g. written there by Router::forward), but not a part of it or of
+/// another member of `routing`. Zero tokens give empty results. On a throw (bad options or
+/// logits), `routing` is unchanged.
+inline void route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
+                  Mode mode, Routing& routing) {
+  detail::validate(options);
+  detail::check_mode(mode);
+  detail::route_validated(logits, options, mode, routing);
+}
+
 /// Routes tokens given router logits [tokens, experts]. Zero tokens give empty results.
 inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const RoutingOptions& options,
                      Mode mode) {
@@ -158,16 +170,13 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
   return routing;
 }
 
-/// Gradient with respect to the logits of
-///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss
-/// into `dlogits` [tokens, experts], reusing its storage (no allocation when its size is
-/// unchanged; all temporaries are in `dlogits` or on the stack).
-/// Dropped choices have a constant gate of 0 and pass nothing back (SEMANTICS 10).
-/// `dgate` is [tokens, k] and must not alias `dlogits`.
-inline void route_backward(const Routing& routing, const Eigen::Ref<const Matrix<float>>& dgate,
-                           const RoutingOptions& options, float aux_coef, float z_coef,
-                           Matrix<float>& dlogits) {
-  detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
+namespace detail {
+
+/// route_backward for a routing made by route() with these options; trusts its inputs.
+inline void route_backward_validated(const Routing& routing,
+                                     const Eigen::Ref<const Matrix<float>>& dgate,
+                                     const RoutingOptions& options, float aux_coef, float z_coef,
+                                     Matrix<float>& dlogits) {
   const Eigen::Index tokens = routing.probs.rows();
   const Eigen::Index experts = routing.probs.cols();
   Matrix<float>& dprobs = dlogits;  // d/dprobs first; the softmax backward below is in place
@@ -201,6 +210,30 @@ inline void route_backward(const Routing& routing, const Eigen::Ref<const Matrix
     dlogits.row(t) = routing.probs.row(t).array() * (dprobs.row(t).array() - dot);
   }
   if (z_coef != 0.0f) detail::add_router_z_loss_grad(routing.logits, z_coef, dlogits);
+}
+
+}  // namespace detail
+
+/// Gradient with respect to the logits of
+///   sum_{t,c} dgate(t,c) * gate(t,c) + aux_coef * aux_loss + z_coef * z_loss
+/// into `dlogits` [tokens, experts], reusing its storage (no allocation when its size is
+/// unchanged; all temporaries are in `dlogits` or on the stack).
+/// Dropped choices have a constant gate of 0 and pass nothing back (SEMANTICS 10).
+/// `dgate` is [tokens, k] and must not alias `dlogits`.
+/// Throws std::invalid_argument if the routing is inconsistent, dgate's shape does not match
+/// it, or dgate or a coefficient is not finite.
+inline void route_backward(const Routing& routing, const Eigen::Ref<const Matrix<float>>& dgate,
+                           const RoutingOptions& options, float aux_coef, float z_coef,
+                           Matrix<float>& dlogits) {
+  detail::validate(options);
+  detail::check_routing(routing, routing.expert.rows(), options.num_experts);
+  detail::check_shape("routing.probs", routing.probs, routing.expert.rows(), options.num_experts);
+  detail::check_shape("routing.logits", routing.logits, routing.expert.rows(), options.num_experts);
+  detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
+  detail::check_finite("dgate", dgate);
+  detail::check_coefficient("aux_coef", aux_coef);
+  detail::check_coefficient("z_coef", z_coef);
+  detail::route_backward_validated(routing, dgate, options, aux_coef, z_coef, dlogits);
 }
 
 /// As above, returning dlogits [tokens, experts].

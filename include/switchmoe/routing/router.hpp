@@ -3,6 +3,7 @@
 // jitter on its input in training. It always computes in float32, whatever the policy.
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -24,7 +25,9 @@ struct RouterConfig {
   std::uint64_t seed = 0;
 };
 
-template <class Policy = Fp32>
+/// Policy: the layer's precision policy (the router is float32 whatever it says). Isa: the
+/// kernels' instruction-set tag (part of the type; see kernels/isa.hpp).
+template <class Policy = Fp32, class Isa = kernels::isa::Native>
 class Router {
   static_assert(is_precision_v<Policy>,
                 "Router's first template argument must be a switchmoe precision policy.");
@@ -33,6 +36,7 @@ class Router {
 
  public:
   using PolicyType = Policy;
+  using IsaType = Isa;
 
   explicit Router(const RouterConfig& config) : config_(config) {
     if (config.d_model < 1)
@@ -62,14 +66,31 @@ class Router {
   /// logits [tokens, experts] for x [tokens, d_model], into `logits` reusing its storage (no
   /// allocation when the token count is unchanged). In Mode::kTrain the input is jittered (a
   /// fresh draw per call, from the seed) and cached for backward. `logits` must not alias x.
-  void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& logits) {
+  /// `first_token` is the global index of x's first token: the jitter of a token is keyed by its
+  /// global index (SEMANTICS 3, 21), so it does not depend on how tokens are split over calls'
+  /// processes.
+  void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& logits,
+               std::int64_t first_token = 0) {
+    has_forward_ = false;  // a forward that throws leaves nothing for backward
+    detail::check_mode(mode);
     detail::check_shape("x", x, -1, config_.d_model);
+    check_parameter_shapes();
+    if (x.rows() > std::numeric_limits<int>::max()) {
+      detail::fail("x has ", x.rows(), " rows, expected at most ", std::numeric_limits<int>::max());
+    }
+    if (first_token < 0) detail::fail("first_token is ", first_token, ", expected >= 0");
     const float* input = x.data();  // [tokens, d_model] what the router multiplies
-    int input_stride = static_cast<int>(x.outerStride());
+    Eigen::Index input_stride = x.outerStride();
+    // A caller's view may be strided beyond what the kernels index with int: copy it.
+    if (mode != Mode::kTrain && input_stride > std::numeric_limits<int>::max()) {
+      input_ = x;
+      input = input_.data();
+      input_stride = config_.d_model;
+    }
     if (mode == Mode::kTrain) {  // keep the (jittered) input for backward
       input_ = x;
       if (config_.jitter_eps > 0.0f) {
-        fill_jitter_noise(x.rows(), calls_++);
+        fill_jitter_noise(x.rows(), first_token, calls_++);
         input_.array() *= noise_.array();
       } else {
         noise_.resize(0, 0);
@@ -78,10 +99,10 @@ class Router {
       input_stride = config_.d_model;
     }
     logits.resize(x.rows(), config_.num_experts);  // [tokens, experts]
-    kernels::gemm<float>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model, input,
-                          input_stride, kernels::Transpose::kNo, weight_.data(),
-                          config_.num_experts, kernels::Transpose::kNo, logits.data(),
-                          config_.num_experts, 0.0f});
+    kernels::gemm<float, Isa>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model,
+                               input, static_cast<int>(input_stride), kernels::Transpose::kNo,
+                               weight_.data(), config_.num_experts, kernels::Transpose::kNo,
+                               logits.data(), config_.num_experts, 0.0f});
     if (config_.bias) logits.rowwise() += bias_.row(0);
     has_forward_ = mode == Mode::kTrain;
   }
@@ -100,18 +121,21 @@ class Router {
   void backward(const Eigen::Ref<const Matrix<float>>& dlogits, Matrix<float>& dx) {
     if (!has_forward_) detail::fail("Router::backward called before a Mode::kTrain forward");
     detail::check_shape("dlogits", dlogits, input_.rows(), config_.num_experts);
+    check_parameter_shapes();
+    detail::check_shape("router grad_weight", grad_weight_, config_.d_model, config_.num_experts);
+    check_bias_shape("router grad_bias", grad_bias_);
     const int tokens = static_cast<int>(dlogits.rows());
     const int d = config_.d_model, e = config_.num_experts;
     const float* dl = dlogits.data();  // [tokens, experts] contiguous for the kernel
-    if (tokens > 1 && dlogits.outerStride() != e) {
+    if (tokens > 0 && dlogits.outerStride() != e) {
       dlogits_ = dlogits;
       dl = dlogits_.data();
     }
     dx.resize(tokens, d);  // [tokens, d_model]
-    kernels::gemm<float>({tokens, d, e, dl, e, kernels::Transpose::kNo, weight_.data(), e,
-                          kernels::Transpose::kYes, dx.data(), d, 0.0f});
-    kernels::gemm<float>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
-                          kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
+    kernels::gemm<float, Isa>({tokens, d, e, dl, e, kernels::Transpose::kNo, weight_.data(), e,
+                               kernels::Transpose::kYes, dx.data(), d, 0.0f});
+    kernels::gemm<float, Isa>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
+                               kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
     if (config_.bias) {
       grad_bias_ += Eigen::Map<const Matrix<float>>(dl, tokens, e).colwise().sum();
     }
@@ -131,23 +155,43 @@ class Router {
   }
 
   void append_parameters(const std::string& prefix, std::vector<ParameterRef>& out) {
-    out.push_back({prefix + "weight", &weight_, &grad_weight_});
-    if (config_.bias) out.push_back({prefix + "bias", &bias_, &grad_bias_});
+    out.push_back({prefix + "weight", &weight_, &grad_weight_, ParameterRole::kWeight,
+                   ParameterOwner::kRouter});
+    if (config_.bias) {
+      out.push_back(
+          {prefix + "bias", &bias_, &grad_bias_, ParameterRole::kBias, ParameterOwner::kRouter});
+    }
+  }
+
+  /// Throws std::invalid_argument if the weight or bias no longer has its configured shape.
+  void check_parameter_shapes() const {
+    detail::check_shape("router weight", weight_, config_.d_model, config_.num_experts);
+    check_bias_shape("router bias", bias_);
   }
 
  private:
   static constexpr std::uint64_t kInitSubstream = 0;
 
+  // [1, experts] with a bias; empty without one.
+  void check_bias_shape(const char* name, const Matrix<float>& b) const {
+    if (config_.bias) {
+      detail::check_shape(name, b, 1, config_.num_experts);
+    } else if (b.size() != 0) {
+      detail::check_shape(name, b, 0, 0);
+    }
+  }
+
   /// noise_ = U(1 - eps, 1 + eps) per element of the input (SEMANTICS 3), drawn from
-  /// (seed, call); refilled in place.
-  void fill_jitter_noise(Eigen::Index tokens, std::uint64_t call) {
+  /// (seed, call) and keyed by global token index; refilled in place.
+  void fill_jitter_noise(Eigen::Index tokens, std::int64_t first_token, std::uint64_t call) {
     const detail::CounterRng rng(config_.seed, detail::Stream::kJitter, call);
     noise_.resize(tokens, config_.d_model);
     const float lo = 1.0f - config_.jitter_eps, width = 2.0f * config_.jitter_eps;
     const Eigen::Index d = config_.d_model;
     detail::parallel_for(tokens, 8 * d, [&](Eigen::Index t) {
       for (Eigen::Index j = 0; j < d; ++j) {
-        noise_(t, j) = lo + width * rng.uniform(static_cast<std::uint64_t>(t * d + j));
+        noise_(t, j) =
+            lo + width * rng.uniform(static_cast<std::uint64_t>((first_token + t) * d + j));
       }
     });
   }
