@@ -3,6 +3,7 @@
 // with the same activation, precision policy and initialization as one expert.
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "switchmoe/experts/activation.hpp"
@@ -56,12 +57,19 @@ class DenseFFN {
   }
 
   /// As above, into y (resized; no allocation once the layer and y have seen as many tokens).
+  /// On a throw the layer is as before the call (a following backward raises).
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& y) {
+    has_forward_ = false;
+    detail::check_mode(mode);
     detail::check_shape("x", x, -1, config_.d_model);
     detail::check_finite("x", x);
+    if (x.rows() > std::numeric_limits<int>::max()) {
+      detail::fail("x has ", x.rows(), " rows, expected at most ", std::numeric_limits<int>::max());
+    }
     x_ = x.template cast<typename Policy::Element>();
     offsets_.assign({0, static_cast<int>(x.rows())});
     ffn_.forward(x_, offsets_, mode, {}, y);
+    has_forward_ = mode == Mode::kTrain;
   }
 
   /// dy [tokens, d_model] -> dx [tokens, d_model], after forward(x, Mode::kTrain).
@@ -73,6 +81,11 @@ class DenseFFN {
 
   /// As above, into dx.
   void backward(const Eigen::Ref<const Matrix<float>>& dy, Matrix<float>& dx) {
+    if (!has_forward_) {
+      detail::fail("DenseFFN::backward called without a preceding forward(x, Mode::kTrain)");
+    }
+    detail::check_shape("dy", dy, x_.rows(), config_.d_model);
+    detail::check_finite("dy", dy);
     ffn_.backward(x_, offsets_, dy, dx);
   }
 
@@ -81,6 +94,7 @@ class DenseFFN {
   FeedForwardBank<Policy, Activation> ffn_;
   Matrix<typename Policy::Element> x_;  // [tokens, d_model] input of the last forward
   std::vector<int> offsets_;
+  bool has_forward_ = false;
 };
 
 }  // namespace switchmoe

@@ -20,17 +20,29 @@ double logsumexp(const Row& row) {
 
 }  // namespace detail
 
-/// `logits` [tokens, experts]; 0 for zero tokens.
-inline float router_z_loss(const Eigen::Ref<const Matrix<float>>& logits) {
-  detail::check_finite("logits", logits);
+namespace detail {
+
+/// router_z_loss of logits known to be finite, with at least one column when not empty.
+inline float router_z_loss_validated(const Eigen::Ref<const Matrix<float>>& logits) {
   if (logits.rows() == 0) return 0.0f;
-  if (logits.cols() == 0) detail::fail("logits has 0 columns, expected >= 1 expert");
   double total = 0.0;
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     const double lse = detail::logsumexp(logits.row(t));
     total += lse * lse;
   }
   return static_cast<float>(total / static_cast<double>(logits.rows()));
+}
+
+}  // namespace detail
+
+/// `logits` [tokens, experts]; 0 for zero tokens. Throws std::invalid_argument on a non-finite
+/// logit or zero columns.
+inline float router_z_loss(const Eigen::Ref<const Matrix<float>>& logits) {
+  detail::check_finite("logits", logits);
+  if (logits.rows() > 0 && logits.cols() == 0) {
+    detail::fail("logits has 0 columns, expected >= 1 expert");
+  }
+  return detail::router_z_loss_validated(logits);
 }
 
 namespace detail {

@@ -145,7 +145,7 @@ inline void route_validated(const Eigen::Ref<const Matrix<float>>& logits,
   detail::assign_slots(routing, options, mode);
   routing.aux_loss = detail::load_balancing_loss(routing.probs, routing.expert, group_size,
                                                  routing.scratch.weight);
-  routing.z_loss = router_z_loss(logits);
+  routing.z_loss = detail::router_z_loss_validated(logits);
 }
 
 }  // namespace detail
