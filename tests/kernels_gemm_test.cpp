@@ -159,18 +159,32 @@ class GemmPathTest : public ::testing::Test {
   }
 };
 
-// The AVX-512 paths exist only when the test is compiled for AVX-512F (e.g. -march=native).
-#if defined(__AVX512F__)
+// The AVX-512 paths exist only when the test is compiled for their instructions (e.g.
+// -march=native): Avx512 for AVX-512F, Avx512Bf16 also for AVX512BW and AVX512_BF16.
+#if SWITCHMOE_KERNELS_HAS_AVX512BF16
+using Paths = ::testing::Types<Path<isa::Portable, float>, Path<isa::Portable, Bf16>,
+                               Path<isa::Avx512, float>, Path<isa::Avx512, Bf16>,
+                               Path<isa::Avx512Bf16, float>, Path<isa::Avx512Bf16, Bf16>>;
+#elif SWITCHMOE_KERNELS_HAS_AVX512
 using Paths = ::testing::Types<Path<isa::Portable, float>, Path<isa::Portable, Bf16>,
                                Path<isa::Avx512, float>, Path<isa::Avx512, Bf16>>;
 #else
 using Paths = ::testing::Types<Path<isa::Portable, float>, Path<isa::Portable, Bf16>>;
 #endif
+
+template <class Isa>
+std::string isa_name() {
+  if constexpr (std::is_same_v<Isa, isa::Portable>) return "Portable";
+  if constexpr (std::is_same_v<Isa, isa::Avx512>) return "Avx512";
+  if constexpr (std::is_same_v<Isa, isa::Avx512Bf16>) return "Avx512Bf16";
+  return "Unknown";
+}
+
 struct PathNames {
   template <class P>
   static std::string GetName(int) {
-    std::string isa_name = std::is_same_v<typename P::Isa, isa::Portable> ? "Portable" : "Avx512";
-    return isa_name + (std::is_same_v<typename P::Element, float> ? "Fp32" : "Bf16");
+    return isa_name<typename P::Isa>() +
+           (std::is_same_v<typename P::Element, float> ? "Fp32" : "Bf16");
   }
 };
 TYPED_TEST_SUITE(GemmPathTest, Paths, PathNames);

@@ -1,23 +1,72 @@
 #pragma once
 // The library's single level of OpenMP parallelism for element-wise work. Every iteration is
 // independent, so results never depend on the thread count.
+//
+// Exceptions: an exception escaping an OpenMP region calls std::terminate, so every parallel
+// loop of the library catches inside each iteration (LoopExceptions below), skips the iterations
+// after the first failure, and rethrows after the region. The exception rethrown is the one of
+// the lowest iteration index that threw, whatever the thread count and scheduling (provided an
+// iteration's throwing does not depend on other iterations): iteration i is skipped only when a
+// lower index has already thrown, so the lowest throwing index always runs.
 
 #include <Eigen/Core>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <mutex>
 
 namespace switchmoe {
 namespace detail {
 
+/// The first (lowest-index) exception of a parallel loop. No allocation unless something throws.
+class LoopExceptions {
+ public:
+  /// Runs f() for iteration `index` unless a lower index has already failed; an exception is
+  /// kept (the lowest index wins), never propagated, so this may run inside an OpenMP region.
+  template <class F>
+  void run(std::int64_t index, F&& f) noexcept {
+    if (index > first_.load(std::memory_order_relaxed)) return;  // a lower index failed: skip
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (index < first_.load(std::memory_order_relaxed)) {
+        exception_ = std::current_exception();
+        first_.store(index, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  /// After the region: rethrows the kept exception, if any.
+  void rethrow_if_failed() {
+    if (exception_) std::rethrow_exception(exception_);
+  }
+
+ private:
+  static constexpr std::int64_t kNone = std::numeric_limits<std::int64_t>::max();
+  std::atomic<std::int64_t> first_{kNone};
+  std::mutex mutex_;
+  std::exception_ptr exception_;
+};
+
 /// Runs body(i) for i in [0, n); in parallel when there is enough work and we are not already
 /// inside a parallel region.
+///
+/// The body may throw (std::bad_alloc, or a user callback's exception): the exception of the
+/// lowest index i that threw reaches the caller, after the loop; the iterations after a failure
+/// may or may not have run, so the output of the call is then unspecified (partially written).
 template <class Body>
 void parallel_for(Eigen::Index n, Eigen::Index work_per_item, const Body& body) {
   constexpr Eigen::Index kMinParallelWork = 1 << 15;
   const bool parallel = n > 1 && n * work_per_item >= kMinParallelWork;
+  LoopExceptions exceptions;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) if (parallel)
 #endif
-  for (Eigen::Index i = 0; i < n; ++i) body(i);
+  for (Eigen::Index i = 0; i < n; ++i) exceptions.run(i, [&] { body(i); });
   (void)parallel;
+  exceptions.rethrow_if_failed();
 }
 
 }  // namespace detail

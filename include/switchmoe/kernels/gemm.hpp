@@ -5,9 +5,18 @@
 // accumulator are always float32. bf16 products are exact in float32, only the sums round
 // (the AVX512_BF16 kernel, like every vdpbf16ps user, flushes float32 denormals to zero).
 //
-// ISA: the last template parameter, defaulted to isa::Native (isa.hpp): the AVX-512 kernels when
-// the translation unit is compiled for AVX-512F (+ AVX512_BF16 for bf16), the portable kernel
-// otherwise. Both are always callable explicitly, e.g. gemm<float, isa::Portable>(problem).
+// ISA: the last template parameter, an instruction-set tag defaulted to isa::Native (isa.hpp):
+// the best kernel the translation unit is compiled for. Every tag the unit is compiled for is
+// callable explicitly, e.g. gemm<float, isa::Portable>(problem); isa::Portable always is.
+//
+// Sizes: m, n, k are int (a kernel-internal range; callers convert with detail::to_int, which
+// throws when a size does not fit); leading dimensions are std::ptrdiff_t, so a caller's strides
+// (Eigen::Index) pass unchanged, above 2^31 elements too.
+//
+// Callbacks (the epilogue of packed_b.hpp) may throw. The exception reaches the caller after the
+// parallel region (the one of the lowest tile, in the order problem, row, column), remaining
+// tiles are skipped, and C is then unspecified (partially computed); std::bad_alloc from the
+// per-thread packing buffers reaches the caller the same way.
 //
 // Structure (BLIS style): the output of every problem is cut into tiles of up to
 // kMaxRowBlocksPerTile x kMc rows by kNc columns; one OpenMP `parallel for schedule(dynamic)`
@@ -25,11 +34,14 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "switchmoe/core/parallel.hpp"
 #include "switchmoe/kernels/isa.hpp"
 #include "switchmoe/kernels/micro_kernel_avx512.hpp"
 #include "switchmoe/kernels/micro_kernel_portable.hpp"
@@ -44,21 +56,29 @@ template <class T>  // T = float or Eigen::bfloat16; output and accumulation alw
 struct GemmProblem {
   int m = 0, n = 0, k = 0;
   const T* a = nullptr;  // op(A) is [m, k], row-major storage ([k, m] stored when trans_a)
-  int lda = 0;
+  std::ptrdiff_t lda = 0;
   Transpose trans_a = Transpose::kNo;
   const T* b = nullptr;  // op(B) is [k, n], row-major storage ([n, k] stored when trans_b)
-  int ldb = 0;
+  std::ptrdiff_t ldb = 0;
   Transpose trans_b = Transpose::kNo;
   float* c = nullptr;  // C is [m, n], row-major; must not overlap A or B
-  int ldc = 0;
+  std::ptrdiff_t ldc = 0;
   float beta = 0.0f;  // C = op(A) * op(B) + beta * C; beta == 0 never reads C
 };
 
 namespace detail {
 
-template <class T>
-inline constexpr bool kIsGemmElement =
-    std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16>;
+// A size for the kernels' int range (m, n, k): `value` itself, or std::invalid_argument naming
+// `name` and the value when it does not fit.
+inline int to_int(const char* name, std::int64_t value) {
+  if (value < std::numeric_limits<int>::min() || value > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument("switchmoe: " + std::string(name) + " = " + std::to_string(value) +
+                                ", expected a value that fits in int (at most " +
+                                std::to_string(std::numeric_limits<int>::max()) +
+                                ", the GEMM kernels' size type)");
+  }
+  return static_cast<int>(value);
+}
 
 inline const char* transpose_name(Transpose t) { return t == Transpose::kNo ? "kNo" : "kYes"; }
 
@@ -82,8 +102,9 @@ void validate(const GemmProblem<T>& p, std::size_t index, bool check_b = true) {
   check_size("k", p.k);
   // min_ld_name and transpose describe the bound in the message; the strings are built only
   // when a check fails, so valid calls allocate nothing.
-  auto check_operand = [&](const char* name, const void* ptr, const char* ld_name, int ld,
-                           int min_ld, const char* min_ld_name, const char* transpose, bool used) {
+  auto check_operand = [&](const char* name, const void* ptr, const char* ld_name,
+                           std::ptrdiff_t ld, int min_ld, const char* min_ld_name,
+                           const char* transpose, bool used) {
     if (!used) return;
     if (ptr == nullptr) {
       throw_bad_problem(index,
@@ -205,9 +226,9 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
 }
 
 // C = beta * C for k == 0 (beta == 0 writes zeros without reading C).
-inline void scale_output(float* c, int ldc, int m, int n, float beta) {
+inline void scale_output(float* c, std::ptrdiff_t ldc, int m, int n, float beta) {
   for (int i = 0; i < m; ++i) {
-    float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+    float* ci = c + i * ldc;
     if (beta == 0.0f) {
       std::fill(ci, ci + n, 0.0f);
     } else if (beta != 1.0f) {
@@ -250,14 +271,22 @@ inline constexpr int kTilesPerThread = 6;
 // pre-packed B nothing is packed per tile except A, so tiles are one row block high and as wide
 // as the thread count allows (all n when there are enough row blocks): each packed A block
 // then serves every column.
-template <class Kernel, class T, class Epilogue>
+//
+// A problem with k == 0 is one tile (C = beta * C, then the epilogue). Tiles are listed in the
+// order (problem, row, column), the order in which their exceptions take precedence.
+template <class Kernel, class T>
 void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, bool b_prepacked,
-                std::vector<Tile>& tiles, const Epilogue& epilogue) {
+                std::vector<Tile>& tiles) {
   long long row_blocks = 0;  // kMc-row blocks of all problems
   long long blocks = 0;      // kMc x kNc blocks of all problems
+  long long scale_only = 0;  // problems with k == 0
   for (std::size_t i = 0; i < count; ++i) {
     const GemmProblem<T>& p = problems[i];
-    if (p.m == 0 || p.n == 0 || p.k == 0) continue;
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) {
+      ++scale_only;
+      continue;
+    }
     const long long rb = (p.m + Kernel::kMc - 1) / Kernel::kMc;
     row_blocks += rb;
     blocks += rb * ((p.n + Kernel::kNc - 1) / Kernel::kNc);
@@ -273,14 +302,13 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, 
   // An upper bound of the tiles below; growing with slack lets the tile list settle after a few
   // calls whose row counts vary, so that steady-state calls allocate nothing.
   const std::size_t most_tiles =
-      static_cast<std::size_t>(b_prepacked ? row_blocks * column_splits : blocks);
+      static_cast<std::size_t>((b_prepacked ? row_blocks * column_splits : blocks) + scale_only);
   if (tiles.capacity() < most_tiles) tiles.reserve(most_tiles + most_tiles / 2);
   for (std::size_t i = 0; i < count; ++i) {
     const GemmProblem<T>& p = problems[i];
     if (p.m == 0 || p.n == 0) continue;
-    if (p.k == 0) {  // nothing to multiply: C = beta * C, then the epilogue
-      scale_output(p.c, p.ldc, p.m, p.n, p.beta);
-      epilogue(static_cast<int>(i), 0, p.m, 0, p.n);
+    if (p.k == 0) {  // nothing to multiply: one tile for C = beta * C and the epilogue
+      tiles.push_back(Tile{static_cast<int>(i), 0, p.m, 0, p.n});
       continue;
     }
     // Even row tiles (rounded to the register tile), rather than full tiles and a thin rest.
@@ -302,25 +330,46 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, 
   }
 }
 
+// The packed A block and B scratch block of the calling thread, grown on first use (may throw
+// std::bad_alloc).
+template <class Kernel>
+std::pair<typename Kernel::Packed*, typename Kernel::Packed*> thread_pack_buffers() {
+  using Packed = typename Kernel::Packed;
+  Workspace& ws = thread_workspace();
+  auto* a_pack = static_cast<Packed*>(ws.a.reserve(a_block_elements<Kernel>() * sizeof(Packed)));
+  auto* b_scratch = static_cast<Packed*>(ws.b.reserve(b_block_elements<Kernel>() * sizeof(Packed)));
+  return {a_pack, b_scratch};
+}
+
 // Runs `tiles` in one OpenMP loop; `b_panels_for(problem_index, b_scratch)` returns the
 // B-block provider of a problem (packing into the thread's scratch, or a pre-packed B).
+// Exceptions (the epilogue's, std::bad_alloc from a worker's buffers) are caught per tile; the
+// one of the lowest tile index is rethrown after the region (core/parallel.hpp).
 template <class Kernel, class T, class BPanelsFor, class Epilogue>
 void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
                const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
-  using Packed = typename Kernel::Packed;
   const int count = static_cast<int>(tiles.size());
+  // The calling thread's buffers are grown here, where a failure simply propagates; the other
+  // threads grow theirs inside the region.
+  thread_pack_buffers<Kernel>();
+  switchmoe::detail::LoopExceptions exceptions;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int t = 0; t < count; ++t) {
-    Workspace& ws = thread_workspace();
-    auto* a_pack = static_cast<Packed*>(ws.a.reserve(a_block_elements<Kernel>() * sizeof(Packed)));
-    auto* b_scratch =
-        static_cast<Packed*>(ws.b.reserve(b_block_elements<Kernel>() * sizeof(Packed)));
-    const Tile tile = tiles[t];
-    const GemmProblem<T>& p = problems[tile.problem];
-    compute_tile<Kernel>(
-        p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
-        [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+    exceptions.run(t, [&] {
+      const Tile tile = tiles[t];
+      const GemmProblem<T>& p = problems[tile.problem];
+      if (p.k == 0) {
+        scale_output(p.c, p.ldc, p.m, p.n, p.beta);
+        epilogue(tile.problem, 0, p.m, 0, p.n);
+        return;
+      }
+      const auto [a_pack, b_scratch] = thread_pack_buffers<Kernel>();
+      compute_tile<Kernel>(
+          p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
+          [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+    });
   }
+  exceptions.rethrow_if_failed();
 }
 
 // The tile list of the calling thread, reused across calls.
@@ -336,7 +385,7 @@ void run_problems(const GemmProblem<T>* problems, std::size_t count, bool b_prep
                   const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
   std::vector<Tile>& tiles = thread_tiles();
   make_tiles<Kernel>(problems, count, omp_in_parallel() ? 1 : omp_get_max_threads(), b_prepacked,
-                     tiles, epilogue);
+                     tiles);
   if (!tiles.empty()) run_tiles<Kernel>(problems, tiles, b_panels_for, epilogue);
 }
 

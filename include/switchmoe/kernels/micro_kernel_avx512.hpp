@@ -1,11 +1,14 @@
 #pragma once
-// AVX-512 micro-kernels, register tile kMr x 32 (two zmm per row):
-//   float: vfmadd231ps, one k value per step.
-//   bf16 (AVX512_BF16): vdpbf16ps on pairs of consecutive k values, float32 accumulation.
-//     The products of bf16 values are exact in float32; only the sums round. (vdpbf16ps flushes
-//     float32 denormals to zero, like every bf16 dot-product instruction.)
-// Without AVX512_BF16, bf16 operands are widened to float while packing and use the float
-// kernel. This header defines nothing when the target has no AVX-512F.
+// AVX-512 micro-kernels, register tile kMr x 32 (two zmm per row), one per tag (isa.hpp):
+//   MicroKernel<isa::Avx512, float>: vfmadd231ps, one k value per step.
+//   MicroKernel<isa::Avx512, bfloat16>: bf16 operands widened to float while packing, then the
+//     float kernel (products exact, float32 accumulation).
+//   MicroKernel<isa::Avx512Bf16, bfloat16>: vdpbf16ps on pairs of consecutive k values, float32
+//     accumulation. The products of bf16 values are exact in float32; only the sums round.
+//     (vdpbf16ps flushes float32 denormals to zero, like every bf16 dot-product instruction.)
+//   MicroKernel<isa::Avx512Bf16, float>: Avx512's float kernel.
+// Each specialization is defined only in TUs compiled for its instructions, and always with the
+// same body: no flag changes what a name means (isa.hpp explains why).
 
 #include <Eigen/Core>
 #include <algorithm>
@@ -19,7 +22,7 @@
 #include "switchmoe/kernels/micro_kernel_portable.hpp"
 #include "switchmoe/kernels/pack.hpp"
 
-#if defined(__AVX512F__)
+#if SWITCHMOE_KERNELS_HAS_AVX512
 #include <immintrin.h>
 
 // GCC 12's AVX-512 intrinsics initialise their "undefined" operand from itself, which
@@ -114,9 +117,9 @@ struct Avx512Tile {
 
   // Brings the C tile into L1 while the k loop runs (C rows are ldc apart and were last touched
   // one k block earlier, so they are usually out of L1).
-  static inline void prefetch_c(const float* c, int ldc, int rows) {
+  static inline void prefetch_c(const float* c, std::ptrdiff_t ldc, int rows) {
     for (int i = 0; i < rows; ++i) {
-      const char* ci = reinterpret_cast<const char*>(c + static_cast<std::ptrdiff_t>(i) * ldc);
+      const char* ci = reinterpret_cast<const char*>(c + i * ldc);
       _mm_prefetch(ci, _MM_HINT_T0);
       _mm_prefetch(ci + 64, _MM_HINT_T0);
     }
@@ -144,11 +147,9 @@ struct Avx512Tile {
   // also prefetches into L2 the matching step of the B micro-panel the caller uses next, so
   // that weights streamed from memory arrive while this tile computes.
   template <int kRowsUsed, class Packed, class Step>
-  static inline __attribute__((always_inline)) void run_tile(int steps, const Packed* a,
-                                                             int a_stride, const Packed* b,
-                                                             int b_stride, float* c, int ldc,
-                                                             float beta, int rows, int cols,
-                                                             const Packed* b_next, Step step) {
+  static inline __attribute__((always_inline)) void run_tile(
+      int steps, const Packed* a, int a_stride, const Packed* b, int b_stride, float* c,
+      std::ptrdiff_t ldc, float beta, int rows, int cols, const Packed* b_next, Step step) {
     prefetch_c(c, ldc, rows);
     __m512 lo[kMr];
     __m512 hi[kMr];
@@ -178,8 +179,8 @@ struct Avx512Tile {
 
   // C[rows, cols] = acc + beta * C (beta == 0: C is not read); columns beyond `cols` are
   // masked off.
-  static inline void store(const __m512 (&lo)[kMr], const __m512 (&hi)[kMr], float* c, int ldc,
-                           float beta, int rows, int cols) {
+  static inline void store(const __m512 (&lo)[kMr], const __m512 (&hi)[kMr], float* c,
+                           std::ptrdiff_t ldc, float beta, int rows, int cols) {
     const __mmask16 mask_lo =
         cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1u);
     const __mmask16 mask_hi = cols >= 32
@@ -188,14 +189,14 @@ struct Avx512Tile {
                                                 : static_cast<__mmask16>((1u << (cols - 16)) - 1u));
     if (beta == 0.0f) {
       for (int i = 0; i < rows; ++i) {
-        float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+        float* ci = c + i * ldc;
         _mm512_mask_storeu_ps(ci, mask_lo, lo[i]);
         _mm512_mask_storeu_ps(ci + 16, mask_hi, hi[i]);
       }
     } else {
       const __m512 vbeta = _mm512_set1_ps(beta);
       for (int i = 0; i < rows; ++i) {
-        float* ci = c + static_cast<std::ptrdiff_t>(i) * ldc;
+        float* ci = c + i * ldc;
         const __m512 c_lo = _mm512_maskz_loadu_ps(mask_lo, ci);
         const __m512 c_hi = _mm512_maskz_loadu_ps(mask_hi, ci + 16);
         _mm512_mask_storeu_ps(ci, mask_lo, _mm512_fmadd_ps(vbeta, c_lo, lo[i]));
@@ -205,7 +206,7 @@ struct Avx512Tile {
   }
 };
 
-// float operands (and bf16 operands on targets without AVX512_BF16, widened while packing).
+// float operands, and bf16 operands widened to float while packing (isa::Avx512).
 template <class T>
 struct Avx512FloatKernel : Avx512Tile<14> {
   using Element = T;
@@ -234,8 +235,8 @@ struct Avx512FloatKernel : Avx512Tile<14> {
     pack_full_panel_portable<Avx512FloatKernel, kPanel>(view, base, steps, dst);
   }
 
-  static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
-                  int rows, int cols, const Packed* b_next = nullptr) {
+  static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
+                  float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_tile<decltype(rows_used)::value>(
           steps, a, kMr, b, kNr, c, ldc, beta, rows, cols, b_next,
@@ -257,7 +258,10 @@ struct Avx512FloatKernel : Avx512Tile<14> {
 template <>
 struct MicroKernel<isa::Avx512, float> : Avx512FloatKernel<float> {};
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+template <>
+struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512FloatKernel<Eigen::bfloat16> {};
+
+#if SWITCHMOE_KERNELS_HAS_AVX512BF16
 
 // Panel rows contiguous (op(B) not transposed, op(A) transposed): interleave the k values
 // 2s and 2s + 1 of each panel row into a pair.
@@ -296,8 +300,7 @@ inline void pack_rows_contiguous_bf16(const std::uint16_t* base, std::ptrdiff_t 
 
 // bf16 operands with vdpbf16ps: a packed step is a pair of consecutive k values, stored as the
 // raw bf16 bits so that one 32-bit broadcast of A and one 512-bit load of B feed the kernel.
-template <>
-struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
+struct Avx512DotBf16Kernel : Avx512Tile<14> {
   using Element = Eigen::bfloat16;
   using Packed = std::uint16_t;
   static constexpr int kKPack = 2;
@@ -318,12 +321,12 @@ struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
       pack_rows_contiguous_bf16<kPanel>(reinterpret_cast<const Packed*>(base), view.k_stride, steps,
                                         dst);
     } else {
-      pack_full_panel_portable<MicroKernel, kPanel>(view, base, steps, dst);
+      pack_full_panel_portable<Avx512DotBf16Kernel, kPanel>(view, base, steps, dst);
     }
   }
 
-  static void run(int steps, const Packed* a, const Packed* b, float* c, int ldc, float beta,
-                  int rows, int cols, const Packed* b_next = nullptr) {
+  static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
+                  float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_tile<decltype(rows_used)::value>(
           steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols, b_next,
@@ -344,12 +347,14 @@ struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512Tile<14> {
   }
 };
 
-#else
-
 template <>
-struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512FloatKernel<Eigen::bfloat16> {};
+struct MicroKernel<isa::Avx512Bf16, Eigen::bfloat16> : Avx512DotBf16Kernel {};
 
-#endif  // __AVX512BF16__
+// The tag refines Avx512: float operands use its kernel.
+template <>
+struct MicroKernel<isa::Avx512Bf16, float> : MicroKernel<isa::Avx512, float> {};
+
+#endif  // SWITCHMOE_KERNELS_HAS_AVX512BF16
 
 }  // namespace switchmoe::kernels::detail
 
@@ -357,4 +362,4 @@ struct MicroKernel<isa::Avx512, Eigen::bfloat16> : Avx512FloatKernel<Eigen::bflo
 #pragma GCC diagnostic pop
 #endif
 
-#endif  // __AVX512F__
+#endif  // SWITCHMOE_KERNELS_HAS_AVX512

@@ -22,34 +22,41 @@ namespace switchmoe::kernels {
 
 template <class T, class Isa = isa::Native>
 class PackedB {
- public:
-  using Element = T;
-  using Kernel = detail::MicroKernel<Isa, T>;
-  using Packed = typename Kernel::Packed;
   static_assert(detail::kIsGemmElement<T>,
                 "switchmoe::kernels::PackedB supports float and Eigen::bfloat16 elements only.");
+
+ public:
+  using Element = T;
+  using IsaType = Isa;
+  using Kernel = detail::MicroKernel<Isa, T>;
+  using Packed = typename Kernel::Packed;
 
   PackedB() = default;
   // See pack().
   template <class S>
-  PackedB(const S* b, int ldb, Transpose trans_b, int k, int n) {
+  PackedB(const S* b, std::ptrdiff_t ldb, Transpose trans_b, int k, int n) {
     pack(b, ldb, trans_b, k, n);
   }
 
   // Packs op(B) [k, n], stored row-major in `b` with leading dimension ldb ([k, n] stored, or
   // [n, k] when trans_b). S is T or float (a float32 master converted to T while packing).
   // Reuses the storage of an earlier pack of the same or a larger size. Parallel over blocks.
+  // Throws std::invalid_argument on bad arguments and std::bad_alloc when growing fails; the
+  // object is then unchanged.
   template <class S>
-  void pack(const S* b, int ldb, Transpose trans_b, int k, int n) {
+  void pack(const S* b, std::ptrdiff_t ldb, Transpose trans_b, int k, int n) {
     static_assert(std::is_same_v<S, T> || std::is_same_v<S, float>,
                   "PackedB::pack takes the element type itself or a float32 master matrix.");
     check(b, ldb, trans_b, k, n);
+    const int panels = (n + Kernel::kNr - 1) / Kernel::kNr;
+    const int blocks = (k + Kernel::kKc - 1) / Kernel::kKc;
+    const std::size_t bytes =
+        static_cast<std::size_t>(blocks) * block_stride(panels) * sizeof(Packed);
+    // Grown before the parallel region, and before any member changes.
+    data_ = static_cast<Packed*>(storage_.reserve(std::max<std::size_t>(bytes, 1)));
     k_ = k;
     n_ = n;
-    panels_ = (n + Kernel::kNr - 1) / Kernel::kNr;
-    const int blocks = (k + Kernel::kKc - 1) / Kernel::kKc;
-    const std::size_t bytes = static_cast<std::size_t>(blocks) * block_stride() * sizeof(Packed);
-    data_ = static_cast<Packed*>(storage_.reserve(std::max<std::size_t>(bytes, 1)));
+    panels_ = panels;
     if (k == 0 || n == 0) return;
     const detail::OperandView<S> view = trans_b == Transpose::kNo
                                             ? detail::OperandView<S>{b, 1, ldb}
@@ -57,14 +64,20 @@ class PackedB {
     // One task per (k block, kNc column block): the layout does not depend on the split.
     const int column_blocks = (n + Kernel::kNc - 1) / Kernel::kNc;
     const int tasks = blocks * column_blocks;
+    // Packing itself does not throw today; the guard keeps a future conversion that does from
+    // ending the program inside the region (the contents are then unspecified).
+    switchmoe::detail::LoopExceptions exceptions;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int t = 0; t < tasks; ++t) {
-      const int p0 = (t / column_blocks) * Kernel::kKc;
-      const int j0 = (t % column_blocks) * Kernel::kNc;
-      const int kc = std::min(Kernel::kKc, k - p0);
-      detail::pack_panels<Kernel, Kernel::kNr>(view, j0, std::min(Kernel::kNc, n - j0), p0, kc,
-                                               block(p0, j0));
+      exceptions.run(t, [&] {
+        const int p0 = (t / column_blocks) * Kernel::kKc;
+        const int j0 = (t % column_blocks) * Kernel::kNc;
+        const int kc = std::min(Kernel::kKc, k - p0);
+        detail::pack_panels<Kernel, Kernel::kNr>(view, j0, std::min(Kernel::kNc, n - j0), p0, kc,
+                                                 block(p0, j0));
+      });
     }
+    exceptions.rethrow_if_failed();
   }
 
   int k() const { return k_; }
@@ -84,13 +97,14 @@ class PackedB {
                Kernel::kNr * Kernel::kKPack;
   }
   // Elements of one full k block (all column panels).
-  std::size_t block_stride() const {
-    return static_cast<std::size_t>(panels_) * detail::packed_steps<Kernel>(Kernel::kKc) *
+  std::size_t block_stride() const { return block_stride(panels_); }
+  static std::size_t block_stride(int panels) {
+    return static_cast<std::size_t>(panels) * detail::packed_steps<Kernel>(Kernel::kKc) *
            Kernel::kNr * Kernel::kKPack;
   }
 
   template <class S>
-  static void check(const S* b, int ldb, Transpose trans_b, int k, int n) {
+  static void check(const S* b, std::ptrdiff_t ldb, Transpose trans_b, int k, int n) {
     auto fail = [](const std::string& what) {
       throw std::invalid_argument("switchmoe::kernels::PackedB::pack: " + what);
     };
@@ -117,11 +131,11 @@ template <class T, class Isa = isa::Native>
 struct PackedGemmProblem {
   int m = 0;
   const T* a = nullptr;  // op(A) [m, k], row-major storage ([k, m] stored when trans_a)
-  int lda = 0;
+  std::ptrdiff_t lda = 0;
   Transpose trans_a = Transpose::kNo;
   const PackedB<T, Isa>* b = nullptr;
   float* c = nullptr;  // C [m, n], row-major; must not overlap A
-  int ldc = 0;
+  std::ptrdiff_t ldc = 0;
   float beta = 0.0f;  // beta == 0 never reads C
 };
 
@@ -177,7 +191,9 @@ void gemm_batch(const std::vector<PackedGemmProblem<T, Isa>>& problems) {
 // conversion). It may write C in that block and anything it owns for those elements; it runs
 // concurrently for different blocks. Blocks start at multiples of kNr columns, but their shapes
 // depend on the thread count: an epilogue must act element by element so that results stay
-// independent of the thread count.
+// independent of the thread count. It may throw: the call then rethrows, after the parallel
+// region, the exception of the first block in (problem, row, column) tile order that threw,
+// skips the blocks not yet started, and leaves C (and what the epilogue writes) unspecified.
 template <class T, class Isa, class Epilogue>
 void gemm_batch(const std::vector<PackedGemmProblem<T, Isa>>& problems, const Epilogue& epilogue) {
   detail::gemm_packed_problems(problems.data(), problems.size(), epilogue);

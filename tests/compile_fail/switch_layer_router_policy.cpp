@@ -1,0 +1,5 @@
+// expect: The router and the experts of a SwitchLayer disagree on the precision policy.
+#include "switchmoe/layers/switch_layer.hpp"
+
+constexpr auto size = sizeof(
+    switchmoe::SwitchLayer<switchmoe::Fp32, switchmoe::Relu, switchmoe::Router<switchmoe::Bf16>>);
