@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <switchmoe/core/parameter.hpp>
 #include <vector>
 
 namespace switch_lm {

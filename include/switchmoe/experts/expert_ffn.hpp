@@ -208,13 +208,13 @@ class FeedForwardBank {
     hidden_.resize(rows, d_ff);                    // act(...) after dropout, Element
     dropout_scale_.resize(drop ? rows : 0, d_ff);  // 0 or 1 / (1 - p)
     // h = dropout(act(x W_in + b_in)), computed block by block as the product finishes.
-    multiply_blocks(offsets, xg.data(), static_cast<int>(xg.outerStride()), w_in_packed_,
-                    hidden_pre_.data(), d_ff, [&](int e, Eigen::Index r, int j0, int cols) {
+    multiply_blocks(offsets, xg.data(), xg.outerStride(), w_in_packed_, hidden_pre_.data(), d_ff,
+                    [&](int e, Eigen::Index r, int j0, int cols) {
                       const std::uint64_t key =
                           row_keys.empty() ? static_cast<std::uint64_t>(r) : row_keys[r];
                       finish_hidden(e, r, j0, cols, drop ? &rng : nullptr, key);
                     });
-    const int ldy = static_cast<int>(yg.outerStride());
+    const Eigen::Index ldy = yg.outerStride();
     if (config_.bias) {
       multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), ldy,
                       [&](int e, Eigen::Index r, int j0, int cols) {
@@ -250,18 +250,18 @@ class FeedForwardBank {
     refresh_backward_weights();
     const Eigen::Index rows = xg.rows();
     const int d_model = config_.d_model, d_ff = config_.d_ff;
-    const int ldx = static_cast<int>(xg.outerStride());
+    const Eigen::Index ldx = xg.outerStride();
     // dy as Element: itself for fp32, a converted copy for bf16.
     const Element* dy = nullptr;
-    int ldd = d_model;
+    Eigen::Index ldd = d_model;
     if constexpr (kElementIsFloat) {
       dy = dyg.data();
-      ldd = static_cast<int>(dyg.outerStride());
+      ldd = dyg.outerStride();
     } else {
       dy_element_.resize(rows, d_model);
       detail::parallel_for(rows, d_model, [&](Eigen::Index r) {
-        kernels::convert_row(dyg.data() + r * dyg.outerStride(), dy_element_.data() + r * d_model,
-                             d_model);
+        kernels::convert_row<Isa>(dyg.data() + r * dyg.outerStride(),
+                                  dy_element_.data() + r * d_model, d_model);
       });
       dy = dy_element_.data();
     }
@@ -292,8 +292,8 @@ class FeedForwardBank {
     }
     // dW_in += x^T * dpre; dx = dpre * W_in^T
     accumulate_weight_grads(offsets, xg.data(), ldx, dpre, d_ff, grad_w_in_);
-    multiply_blocks(offsets, dpre, d_ff, w_in_transposed_, dxg.data(),
-                    static_cast<int>(dxg.outerStride()), NoFinish());
+    multiply_blocks(offsets, dpre, d_ff, w_in_transposed_, dxg.data(), dxg.outerStride(),
+                    NoFinish());
   }
 
   /// Resizes dxg to [rows, d_model], then backward as above.
@@ -397,7 +397,7 @@ class FeedForwardBank {
           h[j] *= scale[j];
         }
       }
-      kernels::convert_row(h, out + c0, n);
+      kernels::convert_row<Isa>(h, out + c0, n);
     }
   }
 
@@ -413,7 +413,7 @@ class FeedForwardBank {
       for (int j = 0; j < cols; ++j) g[j] *= scale[j];
     }
     if constexpr (!kElementIsFloat) {
-      kernels::convert_row(g, dhidden_element_.data() + r * d_ff + j0, cols);
+      kernels::convert_row<Isa>(g, dhidden_element_.data() + r * d_ff + j0, cols);
     }
   }
 
@@ -421,8 +421,8 @@ class FeedForwardBank {
   /// `finish(e, r, j0, cols)` runs on row r (of block e), columns [j0, j0 + cols), of c once its
   /// product is complete.
   template <class Finish>
-  void multiply_blocks(const std::vector<int>& offsets, const Element* a, int lda,
-                       const std::vector<PackedWeight>& weights, float* c, int ldc,
+  void multiply_blocks(const std::vector<int>& offsets, const Element* a, Eigen::Index lda,
+                       const std::vector<PackedWeight>& weights, float* c, Eigen::Index ldc,
                        const Finish& finish) {
     packed_problems_.clear();
     block_expert_.clear();
@@ -448,8 +448,9 @@ class FeedForwardBank {
 
   /// grads[e] += a[block e]^T * b[block e]; a is [rows, lda], b [rows, ldb], grads [cols of a,
   /// cols of b] (a has d_model or d_ff columns, as many as grads[e] has rows).
-  void accumulate_weight_grads(const std::vector<int>& offsets, const Element* a, int lda,
-                               const Element* b, int ldb, std::vector<Matrix<float>>& grads) {
+  void accumulate_weight_grads(const std::vector<int>& offsets, const Element* a, Eigen::Index lda,
+                               const Element* b, Eigen::Index ldb,
+                               std::vector<Matrix<float>>& grads) {
     plain_problems_.clear();
     for (int e = 0; e < config_.num_ffns; ++e) {
       const int m = offsets[e + 1] - offsets[e];

@@ -75,18 +75,10 @@ class Router {
     detail::check_mode(mode);
     detail::check_shape("x", x, -1, config_.d_model);
     check_parameter_shapes();
-    if (x.rows() > std::numeric_limits<int>::max()) {
-      detail::fail("x has ", x.rows(), " rows, expected at most ", std::numeric_limits<int>::max());
-    }
+    const int tokens = kernels::detail::to_int("x.rows()", x.rows());
     if (first_token < 0) detail::fail("first_token is ", first_token, ", expected >= 0");
     const float* input = x.data();  // [tokens, d_model] what the router multiplies
     Eigen::Index input_stride = x.outerStride();
-    // A caller's view may be strided beyond what the kernels index with int: copy it.
-    if (mode != Mode::kTrain && input_stride > std::numeric_limits<int>::max()) {
-      input_ = x;
-      input = input_.data();
-      input_stride = config_.d_model;
-    }
     if (mode == Mode::kTrain) {  // keep the (jittered) input for backward
       input_ = x;
       if (config_.jitter_eps > 0.0f) {
@@ -99,10 +91,9 @@ class Router {
       input_stride = config_.d_model;
     }
     logits.resize(x.rows(), config_.num_experts);  // [tokens, experts]
-    kernels::gemm<float, Isa>({static_cast<int>(x.rows()), config_.num_experts, config_.d_model,
-                               input, static_cast<int>(input_stride), kernels::Transpose::kNo,
-                               weight_.data(), config_.num_experts, kernels::Transpose::kNo,
-                               logits.data(), config_.num_experts, 0.0f});
+    kernels::gemm<float, Isa>({tokens, config_.num_experts, config_.d_model, input, input_stride,
+                               kernels::Transpose::kNo, weight_.data(), config_.num_experts,
+                               kernels::Transpose::kNo, logits.data(), config_.num_experts, 0.0f});
     if (config_.bias) logits.rowwise() += bias_.row(0);
     has_forward_ = mode == Mode::kTrain;
   }
