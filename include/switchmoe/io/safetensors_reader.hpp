@@ -77,7 +77,7 @@ class SafetensorsReader {
     const std::size_t count = static_cast<std::size_t>(out.size());
     float* dst = out.data();
     if (entry.dtype == "F32") {
-      std::memcpy(dst, data, count * sizeof(float));
+      if (count != 0) std::memcpy(dst, data, count * sizeof(float));  // dst is null when empty
     } else if (entry.dtype == "BF16" || entry.dtype == "F16") {
       const bool bf16 = entry.dtype == "BF16";
       for (std::size_t i = 0; i < count; ++i) {
