@@ -96,6 +96,23 @@ class SafetensorsWriter {
 
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
 
+  /// Moves every tensor of `other` into this writer (its metadata too, overriding), or nothing
+  /// when a name is in both.
+  void merge(SafetensorsWriter&& other) {
+    for (const Tensor& tensor : other.tensors_) {
+      if (contains(tensor.name)) {
+        switchmoe::detail::fail("tensor '", tensor.name, "' was already added");
+      }
+    }
+    tensors_.reserve(tensors_.size() + other.tensors_.size());
+    for (Tensor& tensor : other.tensors_) {
+      index_.emplace(tensor.name, tensors_.size());
+      tensors_.push_back(std::move(tensor));
+    }
+    for (auto& [key, value] : other.metadata_) metadata_[key] = value;
+    other = SafetensorsWriter();
+  }
+
   /// The whole file. Tensors are laid out as the reference implementation does: by dtype,
   /// largest alignment first, then by name; the header is padded with spaces to a multiple of 8
   /// bytes so the data starts aligned.
