@@ -10,6 +10,9 @@ each tensor's raw little-endian bytes, row-major, at its data_offsets.
     interop.py check-tensors DIR   checks DIR/cpp_tensors.safetensors (written by the C++ writer)
                                    against DIR/cpp_tensors.json, bit for bit; exit status 1 on
                                    any difference
+    interop.py write-switch DIR    writes DIR/hf_switch_{F32,BF16,F16}.safetensors: a small
+                                   SwitchTransformers sparse MLP and a dense T5 FFN under Hugging
+                                   Face names, an input, and the outputs numpy computes for them
     interop.py corpus DIR          writes the fuzzer's seed corpus: valid and broken files
 """
 
@@ -190,6 +193,92 @@ def check_tensors(folder):
     return 1 if problems else 0
 
 
+SWITCH_PREFIX = "encoder.block.1.layer.1.mlp."
+DENSE_PREFIX = "encoder.block.0.layer.1.DenseReluDense."
+
+
+def switch_mlp(x, router, wi, wo, capacity):
+    """HF SwitchTransformersSparseMLP in evaluation, with switchmoe's rule for dropped tokens.
+
+    x [tokens, d_model]; router [E, d_model]; wi[e] [d_ff, d_model]; wo[e] [d_model, d_ff] (torch
+    layouts). The router runs in float32 (HF casts to float32 for it); top-1; one sequence is one
+    group whose expert slots fill in token order up to `capacity`; a kept token's output is its
+    gate (the raw top-1 probability) times ReLU experts wi, wo; a dropped token's output is 0
+    (HF would pass the input through, scaled by the gate; SEMANTICS 1 gives 0).
+    Returns (y [tokens, d_model] float64, number of dropped tokens, smallest top-1 margin).
+    """
+    logits = x.astype(np.float32) @ router.astype(np.float32).T
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    choice = probs.argmax(axis=1)
+    ordered = np.sort(probs, axis=1)
+    margin = float((ordered[:, -1] - ordered[:, -2]).min())
+    load = np.zeros(router.shape[0], dtype=int)
+    y = np.zeros(x.shape, dtype=np.float64)
+    dropped = 0
+    for t in range(x.shape[0]):
+        e = choice[t]
+        if load[e] >= capacity:
+            dropped += 1
+            continue
+        load[e] += 1
+        hidden = np.maximum(wi[e].astype(np.float64) @ x[t].astype(np.float64), 0.0)
+        y[t] = float(probs[t, e]) * (wo[e].astype(np.float64) @ hidden)
+    return y, dropped, margin
+
+
+def write_switch(folder):
+    d_model, d_ff, experts, tokens, capacity = 8, 16, 4, 24, 4
+    # Seeds are tried in order until every token's top-1 choice is clear (so float32 rounding
+    # differences between numpy and C++ cannot flip it) and some tokens are dropped.
+    for seed in range(100):
+        rng = np.random.default_rng(1000 + seed)
+        x = rng.normal(0, 1, (tokens, d_model)).astype(np.float32)
+        router = rng.normal(0, 0.8, (experts, d_model)).astype(np.float32)
+        wi = rng.normal(0, 0.3, (experts, d_ff, d_model)).astype(np.float32)
+        wo = rng.normal(0, 0.3, (experts, d_model, d_ff)).astype(np.float32)
+        dense_wi = rng.normal(0, 0.3, (d_ff, d_model)).astype(np.float32)
+        dense_wo = rng.normal(0, 0.3, (d_model, d_ff)).astype(np.float32)
+        margins = []
+        for dtype in ("F32", "BF16", "F16"):
+            rounded = [stored_values(dtype, m) for m in (router, wi, wo)]
+            _, dropped, margin = switch_mlp(x, *rounded, capacity)
+            margins.append(margin)
+        if min(margins) > 1e-3 and dropped > 0:
+            break
+    else:
+        raise RuntimeError("no seed gives clear choices")
+    for dtype in ("F32", "BF16", "F16"):
+        r, i, o = (stored_values(dtype, m) for m in (router, wi, wo))
+        di, do = stored_values(dtype, dense_wi), stored_values(dtype, dense_wo)
+        y, dropped, _ = switch_mlp(x, r, i, o, capacity)
+        dense_y = np.maximum(x.astype(np.float64) @ di.astype(np.float64).T, 0) @ do.T
+        tensors = [(SWITCH_PREFIX + "router.classifier.weight", dtype, router.shape,
+                    encode(dtype, router)[1])]
+        for e in range(experts):
+            p = SWITCH_PREFIX + "experts.expert_%d." % e
+            tensors.append((p + "wi.weight", dtype, wi[e].shape, encode(dtype, wi[e])[1]))
+            tensors.append((p + "wo.weight", dtype, wo[e].shape, encode(dtype, wo[e])[1]))
+        tensors.append((DENSE_PREFIX + "wi.weight", dtype, dense_wi.shape,
+                        encode(dtype, dense_wi)[1]))
+        tensors.append((DENSE_PREFIX + "wo.weight", dtype, dense_wo.shape,
+                        encode(dtype, dense_wo)[1]))
+        for name, value in (("input", x), ("expected.switch", y), ("expected.dense", dense_y)):
+            tensors.append((name, "F32", value.shape, encode("F32", value)[1]))
+        metadata = {"format": "pt", "d_model": str(d_model), "d_ff": str(d_ff),
+                    "num_experts": str(experts), "expert_capacity": str(capacity),
+                    "dropped": str(dropped)}
+        with open(os.path.join(folder, "hf_switch_%s.safetensors" % dtype), "wb") as f:
+            f.write(build_file(tensors, metadata))
+    return 0
+
+
+def stored_values(dtype, values):
+    """float32 `values` as a reader gets them back from `dtype` storage."""
+    stored, _ = encode(dtype, values)
+    return widened_bits(dtype, stored.reshape(-1)).view("<f4").reshape(np.shape(values))
+
+
 def write_corpus(folder):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -229,7 +318,7 @@ def write_corpus(folder):
 
 def main(argv):
     commands = {"write-tensors": write_tensors, "check-tensors": check_tensors,
-                "corpus": write_corpus}
+                "write-switch": write_switch, "corpus": write_corpus}
     if len(argv) != 3 or argv[1] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@
 #include <random>
 #include <string>
 #include <switchmoe/io/safetensors.hpp>
+#include <switchmoe/switchmoe.hpp>
 
 namespace {
 
@@ -130,6 +131,47 @@ TEST_F(Interop, PythonChecksCppWrittenFilesBitForBit) {
   writer.write(path("cpp_tensors.safetensors"));
   std::ofstream(path("cpp_tensors.json")) << manifest.dump();
   EXPECT_EQ(python("check-tensors"), 0);
+}
+
+// A SwitchTransformers sparse MLP and a dense T5 FFN written by interop.py under Hugging Face
+// names (F32, BF16 and F16 weights), with the outputs numpy computed for them: loaded into
+// switchmoe layers, they must compute the same outputs (float32 against numpy's float64).
+TEST_F(Interop, HuggingFaceSwitchFilesComputeNumpysOutputs) {
+  ASSERT_EQ(python("write-switch"), 0);
+  for (const std::string dtype : {"F32", "BF16", "F16"}) {
+    SCOPED_TRACE(dtype);
+    const SafetensorsReader reader(path("hf_switch_" + dtype + ".safetensors"));
+    const auto& meta = reader.metadata();
+    switchmoe::SwitchConfig config;
+    config.d_model = std::stoi(meta.at("d_model"));
+    config.d_ff = std::stoi(meta.at("d_ff"));
+    config.routing.num_experts = std::stoi(meta.at("num_experts"));
+    config.routing.expert_capacity = std::stoi(meta.at("expert_capacity"));
+    config.seed = 99;
+    switchmoe::SwitchLayer<> layer(config);
+    switchmoe::load_weights(reader, layer, switchmoe::WeightNames::kHuggingFaceSwitch,
+                            "encoder.block.1.layer.1.mlp.");
+    const Matrix<float> x = reader.tensor("input");  // [tokens, d_model]
+    const auto out = layer.forward(x, switchmoe::Mode::kEval);
+    const Matrix<float> expected = reader.tensor("expected.switch");  // [tokens, d_model]
+    ASSERT_EQ(out.y.rows(), expected.rows());
+    const float scale = expected.cwiseAbs().maxCoeff();
+    EXPECT_GT(scale, 0.0f);
+    EXPECT_LE((out.y - expected).cwiseAbs().maxCoeff(), 1e-5f * scale);
+    int dropped = 0;
+    for (Eigen::Index t = 0; t < out.routing.slot.rows(); ++t)
+      dropped += out.routing.slot(t, 0) < 0;
+    EXPECT_EQ(dropped, std::stoi(meta.at("dropped")));
+    EXPECT_GT(dropped, 0);  // the capacity is exercised
+
+    switchmoe::DenseConfig dense_config{config.d_model, config.d_ff, false, 0.0f, 0.1f, 98};
+    switchmoe::DenseFFN<> dense(dense_config);
+    switchmoe::load_weights(reader, dense, switchmoe::WeightNames::kHuggingFaceSwitch,
+                            "encoder.block.0.layer.1.DenseReluDense.");
+    const Matrix<float> dense_expected = reader.tensor("expected.dense");  // [tokens, d_model]
+    EXPECT_LE((dense.forward(x) - dense_expected).cwiseAbs().maxCoeff(),
+              1e-5f * dense_expected.cwiseAbs().maxCoeff());
+  }
 }
 
 }  // namespace
