@@ -1,5 +1,6 @@
-// A program outside the project that uses the optional target switchmoe::io: writes a layer's
-// router weight to a safetensors file, reads it back and compares. Exits non-zero on a mismatch.
+// A program outside the project that uses the optional target switchmoe::io: saves a layer to a
+// safetensors file, loads it into a differently seeded layer and compares. Exits non-zero on a
+// mismatch.
 #include <cstdio>
 #include <string>
 #include <switchmoe/io/safetensors.hpp>
@@ -15,13 +16,17 @@ int main() {
 
   const std::string path = "io_consumer.safetensors";
   switchmoe::io::SafetensorsWriter writer;
-  writer.add("router.weight", layer.router_weight());  // [d_model, experts]
+  switchmoe::save_weights(writer, layer, switchmoe::WeightNames::kHuggingFaceSwitch, "mlp.");
   writer.write(path);
 
   const switchmoe::io::SafetensorsReader reader(path);
-  const switchmoe::Matrix<float> read = reader.tensor("router.weight");
+  const switchmoe::Matrix<float> read = reader.tensor("mlp.router.classifier.weight");  // [E, d]
+  config.seed = 4;
+  switchmoe::SwitchLayer<> loaded(config);
+  switchmoe::load_weights(reader, loaded, switchmoe::WeightNames::kHuggingFaceSwitch, "mlp.");
   std::remove(path.c_str());
-  if (read != layer.router_weight() || reader.metadata().at("format") != "pt") {
+  if (read != layer.router_weight().transpose() || loaded.w_out(3) != layer.w_out(3) ||
+      reader.metadata().at("format") != "pt") {
     std::fprintf(stderr, "io_consumer: FAILED: the weight did not round-trip\n");
     return 1;
   }
