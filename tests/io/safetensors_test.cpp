@@ -219,6 +219,10 @@ TEST(SafetensorsValidation, HeaderNotUtf8) {
 TEST(SafetensorsValidation, HeaderNotJson) {
   EXPECT_REFUSED(craft(R"({"w":)"), "not valid JSON");
   EXPECT_REFUSED(craft(R"({'w':1})"), "not valid JSON");
+  // A number nlohmann cannot hold (found by the fuzzer: it throws out_of_range, not parse_error).
+  EXPECT_REFUSED(craft(R"({"__metadata__":{"a":"b"},"w":42974.269e2974})"), "not valid JSON");
+  EXPECT_REFUSED(craft(R"({"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,0]}})"),
+                 "not valid JSON");
   // A NUL byte, which nlohmann alone takes for the end of its input.
   EXPECT_REFUSED(craft(std::string("{}\0\0", 4)), "NUL byte");
   EXPECT_REFUSED(craft(std::string("{}\0{\"w\":1}  ", 12)), "NUL byte");

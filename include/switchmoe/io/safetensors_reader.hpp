@@ -277,6 +277,8 @@ class SafetensorsReader {
     } catch (const nlohmann::json::parse_error& error) {  // syntax, UTF-8 in strings
       fail("", std::string("header is not valid JSON: ") + error.what(),
            static_cast<std::int64_t>(8 + (error.byte > 0 ? error.byte - 1 : 0)));
+    } catch (const nlohmann::json::exception& error) {  // e.g. a number beyond double's range
+      fail("", std::string("header is not valid JSON: ") + error.what(), 8);
     }
   }
 
