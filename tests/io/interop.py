@@ -309,6 +309,8 @@ def write_corpus(folder):
         b'{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}')
     files["metadata_number"] = (lambda t: struct.pack("<Q", len(t)) + t)(
         b'{"__metadata__":{"step":1}}')
+    files["number_overflow"] = (lambda t: struct.pack("<Q", len(t)) + t)(
+        b'{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,0]}}')  # found by the fuzzer
     for name, blob in files.items():
         with open(os.path.join(folder, name + ".safetensors"), "wb") as f:
             f.write(blob)
