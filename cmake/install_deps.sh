@@ -20,6 +20,8 @@ packages=(
   clang-format     # formatting check in CI
   fortunes         # text corpus of the language-model demo (examples/switch_lm)
   gnuplot-nox      # plots of the language-model demo
+  nlohmann-json3-dev # JSON headers of the checkpoint target switchmoe::io
+  python3-numpy    # independent safetensors writer/reader of the io interop tests
   "$@"
 )
 

@@ -33,6 +33,12 @@ if(CXX_COMPILER)
   list(APPEND configure_args "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}")
 endif()
 
+# The consumer also builds against switchmoe::io when the tested build has that target.
+file(STRINGS "${BUILD_DIR}/CMakeCache.txt" io_option REGEX "^SWITCHMOE_IO:BOOL=")
+if(io_option MATCHES "=(ON|TRUE|1)$")
+  list(APPEND configure_args -DSWITCHMOE_CONSUMER_IO=ON)
+endif()
+
 if(METHOD STREQUAL "add_subdirectory")
   list(APPEND configure_args "-DSWITCHMOE_SOURCE_DIR=${SOURCE_DIR}")
 elseif(METHOD STREQUAL "find_package")

@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+"""An independent safetensors writer and reader for switchmoe's interoperability tests.
+
+Standard library and numpy only (Debian 12 has no safetensors package). It follows the format
+as Hugging Face specifies it: an 8-byte little-endian header length, a UTF-8 JSON header, then
+each tensor's raw little-endian bytes, row-major, at its data_offsets.
+
+    interop.py write-tensors DIR   writes DIR/python_tensors.safetensors and a manifest
+                                   DIR/python_tensors.json of the float32 bits a reader must get
+    interop.py check-tensors DIR   checks DIR/cpp_tensors.safetensors (written by the C++ writer)
+                                   against DIR/cpp_tensors.json, bit for bit; exit status 1 on
+                                   any difference
+    interop.py write-switch DIR    writes DIR/hf_switch_{F32,BF16,F16}.safetensors: a small
+                                   SwitchTransformers sparse MLP and a dense T5 FFN under Hugging
+                                   Face names, an input, and the outputs numpy computes for them
+    interop.py corpus DIR          writes the fuzzer's seed corpus: valid and broken files
+"""
+
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+
+# The reference implementation's dtype order (tensors are laid out largest first).
+DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
+               "U32", "F32", "F64", "I64", "U64"]
+DTYPE_SIZE = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8, "I32": 4, "U8": 1, "I64": 8}
+
+
+def bf16_bits(values):
+    """float32 -> bfloat16 bits, round to nearest even, on the uint32 bit pattern (no NaN)."""
+    bits = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2")
+
+
+def f16_bits(values):
+    """float32 -> IEEE half bits; numpy's conversion rounds to nearest even."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype="<f4").astype("<f2").view("<u2")
+
+
+def widened_bits(dtype, stored):
+    """The float32 bits a reader must produce from the stored element bits."""
+    if dtype == "F32":
+        return stored.astype("<u4")
+    if dtype == "BF16":
+        return stored.astype("<u4") << 16
+    if dtype == "F16":
+        return stored.view("<f2").astype("<f4").view("<u4")
+    raise ValueError(dtype)
+
+
+def encode(dtype, values):
+    """(element bits as a numpy array, raw bytes) of float32 `values` stored as `dtype`."""
+    values = np.ascontiguousarray(values, dtype="<f4")
+    if dtype == "F32":
+        stored = values.view("<u4")
+    elif dtype == "BF16":
+        stored = bf16_bits(values)
+    elif dtype == "F16":
+        stored = f16_bits(values)
+    else:
+        raise ValueError(dtype)
+    return stored, stored.tobytes()
+
+
+def build_file(tensors, metadata=None, pad=True):
+    """tensors: list of (name, dtype, shape, raw bytes), laid out in the given order."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, raw in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if pad:
+        text += b" " * ((8 - len(text) % 8) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(t[3] for t in tensors)
+
+
+def parse_file(blob):
+    """(header dict, data bytes, header length) of a safetensors file, checked strictly."""
+    if len(blob) < 8:
+        raise ValueError("shorter than 8 bytes")
+    (length,) = struct.unpack("<Q", blob[:8])
+    if 8 + length > len(blob):
+        raise ValueError("header past the end")
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise ValueError("duplicate keys")
+        return dict(pairs)
+
+    header = json.loads(blob[8:8 + length].decode("utf-8"), object_pairs_hook=no_duplicates)
+    data = blob[8 + length:]
+    spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    end = 0
+    for begin, stop in spans:
+        if begin != end:
+            raise ValueError("offsets not contiguous")
+        end = stop
+    if end != len(data):
+        raise ValueError("trailing bytes")
+    return header, data, length
+
+
+def special_values():
+    """float32 values that exercise rounding: ties, carries, denormals, signed zero, infinity."""
+    specials = [0.0, -0.0, 1.0, -2.5, float("inf"), float("-inf"),
+                1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -8 + 2.0 ** -20,   # bf16 ties
+                1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 65504.0, 65519.0,           # f16 ties
+                2.0 ** -126, 2.0 ** -140, 2.0 ** -149, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26,
+                255.99998, 1.9999999, -1.00390625]
+    return np.array(specials, dtype="<f4")
+
+
+def write_tensors(folder):
+    rng = np.random.default_rng(2021)
+    specials = special_values()
+    tensors, manifest = [], {}
+    plan = [("dense.f32", "F32", (5, 7), rng.normal(0, 2, (5, 7))),
+            ("dense.bf16", "BF16", (6, 3), rng.normal(0, 10, (6, 3))),
+            ("dense.f16", "F16", (4, 4), rng.normal(0, 100, (4, 4))),
+            ("vector.bf16", "BF16", (specials.size,), specials),
+            ("vector.f16", "F16", (specials.size,), specials),
+            ("vector.f32", "F32", (specials.size,), specials),
+            ("empty.f32", "F32", (0, 4), np.zeros((0, 4))),
+            ("scalar.f16", "F16", (), np.array(0.333333, dtype="<f4"))]
+    # Not in the C++ writer's order: a reader must not depend on it.
+    for name, dtype, shape, values in plan:
+        stored, raw = encode(dtype, np.asarray(values, dtype="<f4").reshape(shape))
+        tensors.append((name, dtype, shape, raw))
+        manifest[name] = {"dtype": dtype, "shape": list(shape),
+                          "bits": [int(b) for b in widened_bits(dtype, stored.reshape(-1))]}
+    blob = build_file(tensors, {"format": "pt", "writer": "interop.py"})
+    with open(os.path.join(folder, "python_tensors.safetensors"), "wb") as f:
+        f.write(blob)
+    with open(os.path.join(folder, "python_tensors.json"), "w") as f:
+        json.dump({"metadata": {"format": "pt", "writer": "interop.py"}, "tensors": manifest}, f)
+    return 0
+
+
+def check_tensors(folder):
+    with open(os.path.join(folder, "cpp_tensors.safetensors"), "rb") as f:
+        blob = f.read()
+    with open(os.path.join(folder, "cpp_tensors.json")) as f:
+        manifest = json.load(f)
+    header, data, length = parse_file(blob)
+    problems = []
+    if length % 8 != 0 or not blob[8:8 + length].decode().endswith(("}", " ")):
+        problems.append("header length %d not padded to 8" % length)
+    metadata = header.pop("__metadata__", {})
+    if metadata.get("format") != "pt":
+        problems.append("metadata %r lacks format pt" % metadata)
+    for key, value in manifest.get("metadata", {}).items():
+        if metadata.get(key) != value:
+            problems.append("metadata %s = %r, expected %r" % (key, metadata.get(key), value))
+    if sorted(header) != sorted(manifest["tensors"]):
+        problems.append("names %s, expected %s" % (sorted(header), sorted(manifest["tensors"])))
+    # The reference layout: by dtype order (largest first), then by name.
+    by_offset = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    expected = sorted(header, key=lambda n: (-DTYPE_ORDER.index(header[n]["dtype"]), n))
+    if by_offset != expected:
+        problems.append("layout %s, expected %s" % (by_offset, expected))
+    for name, want in manifest["tensors"].items():
+        if name not in header:
+            continue
+        entry = header[name]
+        if entry["dtype"] != want["dtype"] or entry["shape"] != want["shape"]:
+            problems.append("%s: %s %s, expected %s %s" % (name, entry["dtype"], entry["shape"],
+                                                           want["dtype"], want["shape"]))
+            continue
+        begin, end = entry["data_offsets"]
+        raw = np.frombuffer(data[begin:end], dtype="<u4" if want["dtype"] == "F32" else "<u2")
+        source = np.array(want["source_bits"], dtype="<u4").view("<f4")
+        expected_bits, _ = encode(want["dtype"], source)
+        bad = np.nonzero(raw != expected_bits)[0]
+        if raw.size != expected_bits.size:
+            problems.append("%s: %d elements, expected %d" % (name, raw.size, expected_bits.size))
+        elif bad.size:
+            i = int(bad[0])
+            problems.append("%s: %d elements differ, first %d: 0x%x, expected 0x%x (from %r)"
+                            % (name, bad.size, i, raw[i], expected_bits[i], float(source[i])))
+    for problem in problems:
+        print("interop.py: " + problem, file=sys.stderr)
+    print("interop.py: checked %d tensors, %d problems" % (len(manifest["tensors"]), len(problems)))
+    return 1 if problems else 0
+
+
+SWITCH_PREFIX = "encoder.block.1.layer.1.mlp."
+DENSE_PREFIX = "encoder.block.0.layer.1.DenseReluDense."
+
+
+def switch_mlp(x, router, wi, wo, capacity):
+    """HF SwitchTransformersSparseMLP in evaluation, with switchmoe's rule for dropped tokens.
+
+    x [tokens, d_model]; router [E, d_model]; wi[e] [d_ff, d_model]; wo[e] [d_model, d_ff] (torch
+    layouts). The router runs in float32 (HF casts to float32 for it); top-1; one sequence is one
+    group whose expert slots fill in token order up to `capacity`; a kept token's output is its
+    gate (the raw top-1 probability) times ReLU experts wi, wo; a dropped token's output is 0
+    (HF would pass the input through, scaled by the gate; SEMANTICS 1 gives 0).
+    Returns (y [tokens, d_model] float64, number of dropped tokens, smallest top-1 margin).
+    """
+    logits = x.astype(np.float32) @ router.astype(np.float32).T
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    choice = probs.argmax(axis=1)
+    ordered = np.sort(probs, axis=1)
+    margin = float((ordered[:, -1] - ordered[:, -2]).min())
+    load = np.zeros(router.shape[0], dtype=int)
+    y = np.zeros(x.shape, dtype=np.float64)
+    dropped = 0
+    for t in range(x.shape[0]):
+        e = choice[t]
+        if load[e] >= capacity:
+            dropped += 1
+            continue
+        load[e] += 1
+        hidden = np.maximum(wi[e].astype(np.float64) @ x[t].astype(np.float64), 0.0)
+        y[t] = float(probs[t, e]) * (wo[e].astype(np.float64) @ hidden)
+    return y, dropped, margin
+
+
+def write_switch(folder):
+    d_model, d_ff, experts, tokens, capacity = 8, 16, 4, 24, 4
+    # Seeds are tried in order until every token's top-1 choice is clear (so float32 rounding
+    # differences between numpy and C++ cannot flip it) and some tokens are dropped.
+    for seed in range(100):
+        rng = np.random.default_rng(1000 + seed)
+        x = rng.normal(0, 1, (tokens, d_model)).astype(np.float32)
+        router = rng.normal(0, 0.8, (experts, d_model)).astype(np.float32)
+        wi = rng.normal(0, 0.3, (experts, d_ff, d_model)).astype(np.float32)
+        wo = rng.normal(0, 0.3, (experts, d_model, d_ff)).astype(np.float32)
+        dense_wi = rng.normal(0, 0.3, (d_ff, d_model)).astype(np.float32)
+        dense_wo = rng.normal(0, 0.3, (d_model, d_ff)).astype(np.float32)
+        margins = []
+        for dtype in ("F32", "BF16", "F16"):
+            rounded = [stored_values(dtype, m) for m in (router, wi, wo)]
+            _, dropped, margin = switch_mlp(x, *rounded, capacity)
+            margins.append(margin)
+        if min(margins) > 1e-3 and dropped > 0:
+            break
+    else:
+        raise RuntimeError("no seed gives clear choices")
+    for dtype in ("F32", "BF16", "F16"):
+        r, i, o = (stored_values(dtype, m) for m in (router, wi, wo))
+        di, do = stored_values(dtype, dense_wi), stored_values(dtype, dense_wo)
+        y, dropped, _ = switch_mlp(x, r, i, o, capacity)
+        dense_y = np.maximum(x.astype(np.float64) @ di.astype(np.float64).T, 0) @ do.T
+        tensors = [(SWITCH_PREFIX + "router.classifier.weight", dtype, router.shape,
+                    encode(dtype, router)[1])]
+        for e in range(experts):
+            p = SWITCH_PREFIX + "experts.expert_%d." % e
+            tensors.append((p + "wi.weight", dtype, wi[e].shape, encode(dtype, wi[e])[1]))
+            tensors.append((p + "wo.weight", dtype, wo[e].shape, encode(dtype, wo[e])[1]))
+        tensors.append((DENSE_PREFIX + "wi.weight", dtype, dense_wi.shape,
+                        encode(dtype, dense_wi)[1]))
+        tensors.append((DENSE_PREFIX + "wo.weight", dtype, dense_wo.shape,
+                        encode(dtype, dense_wo)[1]))
+        for name, value in (("input", x), ("expected.switch", y), ("expected.dense", dense_y)):
+            tensors.append((name, "F32", value.shape, encode("F32", value)[1]))
+        metadata = {"format": "pt", "d_model": str(d_model), "d_ff": str(d_ff),
+                    "num_experts": str(experts), "expert_capacity": str(capacity),
+                    "dropped": str(dropped)}
+        with open(os.path.join(folder, "hf_switch_%s.safetensors" % dtype), "wb") as f:
+            f.write(build_file(tensors, metadata))
+    return 0
+
+
+def stored_values(dtype, values):
+    """float32 `values` as a reader gets them back from `dtype` storage."""
+    stored, _ = encode(dtype, values)
+    return widened_bits(dtype, stored.reshape(-1)).view("<f4").reshape(np.shape(values))
+
+
+def write_corpus(folder):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(7)
+    files = {}
+    good = [("a", "F32", (2, 3), encode("F32", rng.normal(size=(2, 3)))[1]),
+            ("b", "BF16", (3,), encode("BF16", rng.normal(size=3))[1]),
+            ("c", "F16", (1, 2), encode("F16", rng.normal(size=(1, 2)))[1]),
+            ("d", "F32", (2, 1, 2), encode("F32", rng.normal(size=4))[1]),
+            ("e", "I32", (2,), b"\x01\x00\x00\x00\x02\x00\x00\x00"),
+            ("z", "F32", (0,), b"")]
+    files["valid"] = build_file(good, {"format": "pt"})
+    files["valid_unpadded"] = build_file(good[:2], None, pad=False)
+    files["empty"] = build_file([], {"format": "pt"})
+    files["nan"] = build_file([("n", "F32", (2,), struct.pack("<ff", 1.0, float("nan")))])
+    valid = files["valid"]
+    files["short"] = valid[:5]
+    files["truncated"] = valid[:-3]
+    files["trailing"] = valid + b"\0"
+    files["huge_length"] = struct.pack("<Q", 2 ** 40) + valid[8:]
+    files["not_json"] = struct.pack("<Q", 6) + b"{\"a\":]"
+    files["not_utf8"] = struct.pack("<Q", 8) + b"{\"\xff\":1} "
+    files["duplicate"] = (lambda t: struct.pack("<Q", len(t)) + t + b"\0" * 8)(
+        b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
+    files["hole"] = (lambda t: struct.pack("<Q", len(t)) + t + b"\0" * 8)(
+        b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}')
+    files["overflow"] = (lambda t: struct.pack("<Q", len(t)) + t)(
+        b'{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}')
+    files["metadata_number"] = (lambda t: struct.pack("<Q", len(t)) + t)(
+        b'{"__metadata__":{"step":1}}')
+    files["number_overflow"] = (lambda t: struct.pack("<Q", len(t)) + t)(
+        b'{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,0]}}')  # found by the fuzzer
+    for name, blob in files.items():
+        with open(os.path.join(folder, name + ".safetensors"), "wb") as f:
+            f.write(blob)
+    print("interop.py: %d corpus files in %s" % (len(files), folder))
+    return 0
+
+
+def main(argv):
+    commands = {"write-tensors": write_tensors, "check-tensors": check_tensors,
+                "write-switch": write_switch, "corpus": write_corpus}
+    if len(argv) != 3 or argv[1] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return commands[argv[1]](argv[2])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
