@@ -7,6 +7,7 @@
 #include "switchmoe/core/precision.hpp"
 #include "switchmoe/core/types.hpp"
 #include "switchmoe/dispatch/dispatch_plan.hpp"
+#include "switchmoe/dispatch/exchange.hpp"
 #include "switchmoe/experts/activation.hpp"
 #include "switchmoe/experts/expert_ffn.hpp"
 #include "switchmoe/kernels/gemm.hpp"
@@ -20,4 +21,3 @@
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
 #include "switchmoe/routing/scheme.hpp"
-#include "switchmoe/dispatch/exchange.hpp"
