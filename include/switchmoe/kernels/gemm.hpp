@@ -309,17 +309,22 @@ void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
                const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
   using Packed = typename Kernel::Packed;
   const int count = static_cast<int>(tiles.size());
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int t = 0; t < count; ++t) {
+#pragma omp parallel
+  {
+    // Every thread of the team reserves its buffers, tile or no tile: with dynamic scheduling a
+    // thread that got no tile in a warm-up call would otherwise allocate in a later call.
     Workspace& ws = thread_workspace();
     auto* a_pack = static_cast<Packed*>(ws.a.reserve(a_block_elements<Kernel>() * sizeof(Packed)));
     auto* b_scratch =
         static_cast<Packed*>(ws.b.reserve(b_block_elements<Kernel>() * sizeof(Packed)));
-    const Tile tile = tiles[t];
-    const GemmProblem<T>& p = problems[tile.problem];
-    compute_tile<Kernel>(
-        p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
-        [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < count; ++t) {
+      const Tile tile = tiles[t];
+      const GemmProblem<T>& p = problems[tile.problem];
+      compute_tile<Kernel>(
+          p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
+          [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+    }
   }
 }
 
