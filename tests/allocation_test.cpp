@@ -13,6 +13,7 @@
 #include "support/allocation_counter.hpp"  // first: it configures Eigen
 #include "support/matrices.hpp"
 #include "switchmoe/dispatch/dispatch_plan.hpp"
+#include "switchmoe/kernels/gemm.hpp"
 #include "switchmoe/layers/stats.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
@@ -118,6 +119,44 @@ TEST(AllocationCounter, CountsNothingWithoutAllocations) {
   });
   EXPECT_EQ(count.total(), 0) << describe(count);
   EXPECT_EQ(b.sum(), 512.0f);
+}
+
+// ---- GEMM workspace ---------------------------------------------------------------------------
+
+// Issue #14, item 10: the GEMM's per-thread packing buffers were reserved by a thread when it got
+// its first tile, so with dynamic scheduling a worker that got no tile in the warm-up (a
+// one-tile product, as the router's) allocated in a later call. Every thread of the team now
+// reserves them at the start of the region. Warm-up: a one-tile product on 2 threads (the worker
+// may get no tile), then the big product on 1 thread (it sizes the caller's tile list); the big
+// product on 2 threads must then allocate nothing (the buffers' sizes do not depend on the
+// problem). Each ctest entry is its own process, so no earlier test has warmed the worker up.
+TEST(Allocation, GemmWorkersReserveEvenWithoutATile) {
+  using switchmoe::kernels::Transpose;
+  const int saved = omp_get_max_threads();
+  const Matrix<float> a_small = random_matrix(4, 8, 60), b_small = random_matrix(8, 4, 61);
+  Matrix<float> c_small(4, 4);  // [4, 4]: one tile
+  // [512, 64] x [64, 512]: dozens of tiles, so both threads take some.
+  const Matrix<float> a = random_matrix(512, 64, 62), b = random_matrix(64, 512, 63);
+  Matrix<float> c(512, 512);
+  auto big = [&] {
+    switchmoe::kernels::gemm<float>(
+        {512, 512, 64, a.data(), 64, Transpose::kNo, b.data(), 512, Transpose::kNo, c.data(), 512});
+  };
+  omp_set_num_threads(2);
+  switchmoe::kernels::gemm<float>({4, 4, 8, a_small.data(), 8, Transpose::kNo, b_small.data(), 4,
+                                   Transpose::kNo, c_small.data(), 4});
+  omp_set_num_threads(1);
+  big();
+  c.setZero();
+  omp_set_num_threads(2);
+  const AllocationCount count = count_allocations(big);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(count.total(), 0) << describe(count);
+  // The products themselves, against a double-precision reference.
+  const Eigen::MatrixXd want = a.cast<double>() * b.cast<double>();
+  EXPECT_LT((c.cast<double>() - want).cwiseAbs().maxCoeff(), 1e-3);
+  const Eigen::MatrixXd want_small = a_small.cast<double>() * b_small.cast<double>();
+  EXPECT_LT((c_small.cast<double>() - want_small).cwiseAbs().maxCoeff(), 1e-4);
 }
 
 // ---- route and route_backward -----------------------------------------------------------------

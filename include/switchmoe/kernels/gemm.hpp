@@ -349,25 +349,33 @@ template <class Kernel, class T, class BPanelsFor, class Epilogue>
 void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
                const BPanelsFor& b_panels_for, const Epilogue& epilogue) {
   const int count = static_cast<int>(tiles.size());
-  // The calling thread's buffers are grown here, where a failure simply propagates; the other
-  // threads grow theirs inside the region.
+  // The calling thread's buffers are grown here, where a failure simply propagates. Every other
+  // thread of the team grows its own at the start of the region, tile or no tile: with dynamic
+  // scheduling, a thread that got no tile in a warm-up call would otherwise allocate in a later
+  // call (steady-state calls allocate nothing). A failure there is kept like a tile's, at an
+  // index below every tile.
   thread_pack_buffers<Kernel>();
   switchmoe::detail::LoopExceptions exceptions;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int t = 0; t < count; ++t) {
-    exceptions.run(t, [&] {
-      const Tile tile = tiles[t];
-      const GemmProblem<T>& p = problems[tile.problem];
-      if (p.k == 0) {
-        scale_output(p.c, p.ldc, p.m, p.n, p.beta);
-        epilogue(tile.problem, 0, p.m, 0, p.n);
-        return;
-      }
-      const auto [a_pack, b_scratch] = thread_pack_buffers<Kernel>();
-      compute_tile<Kernel>(
-          p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
-          [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
-    });
+#pragma omp parallel
+  {
+    exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < count; ++t) {
+      exceptions.run(t, [&] {
+        const Tile tile = tiles[t];
+        const GemmProblem<T>& p = problems[tile.problem];
+        if (p.k == 0) {
+          scale_output(p.c, p.ldc, p.m, p.n, p.beta);
+          epilogue(tile.problem, 0, p.m, 0, p.n);
+          return;
+        }
+        const auto [a_pack, b_scratch] = thread_pack_buffers<Kernel>();
+        compute_tile<Kernel>(
+            p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack,
+            b_panels_for(tile.problem, b_scratch),
+            [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+      });
+    }
   }
   exceptions.rethrow_if_failed();
 }
