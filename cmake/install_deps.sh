@@ -20,6 +20,8 @@ packages=(
   clang-format     # formatting check in CI
   fortunes         # text corpus of the language-model demo (examples/switch_lm)
   gnuplot-nox      # plots of the language-model demo
+  libopenmpi-dev   # MPI for switchmoe::distributed (expert parallelism) and its tests
+  openmpi-bin      # mpirun, which runs the MPI tests (ctest label mpi)
   "$@"
 )
 
