@@ -9,5 +9,5 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build_dir=${1:-${SWITCHMOE_BUILD_DIR:-build}}
 cd "$root"
-cmake --build "$build_dir" -j "${SWITCHMOE_JOBS:-2}" --target expert_parallel_test
+cmake --build "$build_dir" -j "${SWITCHMOE_JOBS:-2}" --target expert_parallel_test expert_parallel_allocation_test
 ctest --test-dir "$build_dir" --output-on-failure -L mpi

@@ -83,6 +83,7 @@ class MpiExchange {
       other.row_type_ = MPI_DATATYPE_NULL;
       other.row_type_cols_ = -1;
       total_tokens_ = other.total_tokens_;
+      positions_ = other.positions_;
       call_ = std::move(other.call_);
       losses_ = std::move(other.losses_);
       stats_ = std::move(other.stats_);
@@ -152,6 +153,7 @@ class MpiExchange {
   /// the mean over all tokens) into `routing`, and this rank's share of them into `scale`, so
   /// that backward passes back d(global loss)/d(this rank's logits).
   void reduce_losses(Routing& routing, LossScale& scale) {
+    positions_ = static_cast<int>(routing.top_k());  // rows per token at most, for reserve()
     const double groups = static_cast<double>(routing.num_groups());
     const double tokens = static_cast<double>(routing.num_tokens());
     const double mine[4] = {static_cast<double>(routing.aux_loss) * groups,
@@ -241,6 +243,7 @@ class MpiExchange {
     static_assert(std::is_same_v<T, Element>, "rows must be in the policy's element type");
     const int d = static_cast<int>(rows.cols());
     exchange_counts(offsets, d);
+    reserve(d);
     const Eigen::Index received = local_offsets_.back();
     received_rows_.resize(received, d);
     to_owners(rows.data(), received_rows_.data(), d);
@@ -360,6 +363,18 @@ class MpiExchange {
     row_type_cols_ = -1;
   }
 
+  /// Room for the most rows any call with this many tokens can bring (every token of every
+  /// rank with all its positions kept, all to this rank), so that the buffers stop growing.
+  void reserve(int d) {
+    const Eigen::Index most = static_cast<Eigen::Index>(total_tokens_) * positions_;
+    for (detail::RowBuffer<Element>* b : {&received_rows_, &staged_, &wire_}) b->reserve(most * d);
+    for (detail::RowBuffer<float>* b : {&expert_out_, &received_dy_, &expert_dx_}) {
+      b->reserve(most * d);
+    }
+    recv_keys_.reserve(static_cast<std::size_t>(most));
+    staged_keys_.reserve(static_cast<std::size_t>(most));
+  }
+
   /// Counts first: rows per (destination, local expert) with MPI_Alltoall, then the send and
   /// receive layouts of the row trips (kept for the return and backward trips).
   void exchange_counts(const std::vector<int>& offsets, int d) {
@@ -454,6 +469,7 @@ class MpiExchange {
   MPI_Datatype row_type_ = MPI_DATATYPE_NULL;
   int row_type_cols_ = -1;
   std::int64_t total_tokens_ = 0;
+  int positions_ = 1;               // choice positions per token of the current routing (top_k)
   std::vector<std::int64_t> call_;  // [ranks * 2] error flag and token count of each rank
   std::vector<double> losses_;      // [ranks * 4] aux * groups, z * tokens, groups, tokens
   std::vector<double> stats_;       // [(ranks + 1) * (2 E + 7)] packed statistics
