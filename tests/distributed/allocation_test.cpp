@@ -5,11 +5,10 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
-#include <switchmoe/distributed.hpp>
-
 #include "distributed/harness.hpp"
 #include "support/allocation_counter.hpp"  // first: configures Eigen
 #include "support/matrices.hpp"
+#include "switchmoe/distributed.hpp"
 
 namespace {
 
