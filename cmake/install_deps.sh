@@ -22,6 +22,8 @@ packages=(
   gnuplot-nox      # plots of the language-model demo
   nlohmann-json3-dev # JSON headers of the checkpoint target switchmoe::io
   python3-numpy    # independent safetensors writer/reader of the io interop tests
+  libopenmpi-dev   # MPI for switchmoe::distributed (expert parallelism) and its tests
+  openmpi-bin      # mpirun, which runs the MPI tests (ctest label mpi)
   "$@"
 )
 
