@@ -13,6 +13,7 @@
 //   int rank(), num_ranks(); int first_expert(E), num_local_experts(E)
 //   std::int64_t begin_call(tokens, error)  collective: agree on errors, return the global
 //                                           index of this process's first token
+//   max_received_rows(tokens, bound)        the most rows the local experts can receive
 //   void agree(error)                       collective: rethrow one process's error everywhere
 //   void reduce_losses(Routing&, LossScale&) the global aux and z losses, and the factors that
 //                                           turn their coefficients into this process's share
@@ -42,12 +43,13 @@ struct ExpertInput {
   const std::vector<std::uint64_t>& dropout_keys;  // [received rows] (SEMANTICS 12, 21)
 };
 
-/// Factors applied to the loss coefficients in backward, so that each process passes back its
-/// share of the global losses (SEMANTICS 21): aux is a mean over all groups of all processes,
-/// z a mean over all tokens. Both 1 in one process.
+/// The denominators of the global losses (SEMANTICS 21): aux is a mean over all groups of all
+/// processes, z a mean over all tokens, so each process's backward divides by those totals and
+/// passes back exactly its share (bitwise what one process over all tokens computes). 0: this
+/// call's own groups and tokens (one process).
 struct LossScale {
-  float aux = 1.0f;
-  float z = 1.0f;
+  std::int64_t groups = 0;
+  std::int64_t tokens = 0;
 };
 
 class LocalExchange {
@@ -66,6 +68,13 @@ class LocalExchange {
   }
   void agree(const std::exception_ptr& error) {
     if (error) std::rethrow_exception(error);
+  }
+
+  /// The most rows this process's experts can receive in the current call, given the most rows
+  /// a process with `n` tokens can send (`rows_for_tokens(n)`): locally, its own.
+  template <class RowsForTokens>
+  Eigen::Index max_received_rows(Eigen::Index tokens, const RowsForTokens& rows_for_tokens) const {
+    return rows_for_tokens(tokens);
   }
 
   void reduce_losses(Routing& /*routing*/, LossScale& scale) { scale = LossScale{}; }

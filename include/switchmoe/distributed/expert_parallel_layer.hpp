@@ -135,14 +135,7 @@ class ExpertParallelSwitchLayer {
     return out;
   }
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
-    // The layer sizes its expert bank for this rank's tokens; under expert parallelism the
-    // bank may receive any rank's rows. Room for all rows of a call as large as the last one,
-    // so that steady-state calls allocate nothing. Before the call: growing a buffer drops its
-    // contents, which backward needs after the call.
-    layer_.experts().reserve_rows(static_cast<Eigen::Index>(last_total_tokens_) *
-                                  config_.routing.top_k);
     layer_.forward(x, mode, out);
-    last_total_tokens_ = exchange().total_tokens();
   }
 
   /// Collective. dy [tokens, d_model] of this rank's tokens; returns dx of them.
@@ -158,7 +151,6 @@ class ExpertParallelSwitchLayer {
   SwitchConfig config_;  // first: agreed across ranks before any part is built
   Layer layer_;
   int rank_, num_ranks_, first_expert_, num_local_experts_;
-  std::int64_t last_total_tokens_ = 0;  // tokens of all ranks in the last forward
 };
 
 }  // namespace switchmoe

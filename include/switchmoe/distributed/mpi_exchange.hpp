@@ -146,6 +146,16 @@ class MpiExchange {
     return first;
   }
 
+  /// The most rows this rank's experts can receive in the current call: every rank's most rows
+  /// (`rows_for_tokens` of its token count, known since begin_call), all sent here.
+  template <class RowsForTokens>
+  Eigen::Index max_received_rows(Eigen::Index /*tokens*/,
+                                 const RowsForTokens& rows_for_tokens) const {
+    Eigen::Index most = 0;
+    for (int r = 0; r < size_; ++r) most += rows_for_tokens(call_[2 * r + 1]);
+    return most;
+  }
+
   /// Collective: every rank throws the first failing rank's message if any rank failed.
   void agree(const std::exception_ptr& error) { detail::agree_on_error(comm_, error); }
 
@@ -168,8 +178,8 @@ class MpiExchange {
     }
     routing.aux_loss = all_groups > 0 ? static_cast<float>(aux / all_groups) : 0.0f;
     routing.z_loss = all_tokens > 0 ? static_cast<float>(z / all_tokens) : 0.0f;
-    scale.aux = all_groups > 0 ? static_cast<float>(groups / all_groups) : 0.0f;
-    scale.z = all_tokens > 0 ? static_cast<float>(tokens / all_tokens) : 0.0f;
+    scale.groups = static_cast<std::int64_t>(all_groups);
+    scale.tokens = static_cast<std::int64_t>(all_tokens);
   }
 
   /// Collective: the statistics of all ranks' tokens, merged in rank order. The losses in

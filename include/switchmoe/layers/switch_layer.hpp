@@ -283,10 +283,12 @@ class SwitchLayer {
   void apply_experts(const Eigen::Ref<const Matrix<float>>& x, Mode mode, Matrix<float>& y) {
     const int d_model = config_.d_model;
     const Eigen::Index rows = plan_.num_rows();
-    // Reserve for the most rows any routing of this many tokens can keep, so that the buffers
-    // stop growing after the first call.
-    const Eigen::Index max_rows = x.rows() * plan_.top_k;
-    experts_.reserve_rows(max_rows);
+    // Reserve for the most rows any routing of this many tokens can keep (and the experts for
+    // the most rows they can receive), so that the buffers stop growing after the first call.
+    const auto rows_for_tokens = [&](Eigen::Index n) { return scheme_.max_rows(n, mode); };
+    const Eigen::Index max_rows = rows_for_tokens(x.rows());
+    experts_.reserve_rows(exchange_.max_received_rows(x.rows(), rows_for_tokens));
+    dgate_rows_.reserve(static_cast<std::size_t>(max_rows));
     xg_.reserve(max_rows * d_model);
     yg_.reserve(max_rows * d_model);
     dyg_.reserve(max_rows * d_model);

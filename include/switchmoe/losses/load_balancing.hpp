@@ -5,6 +5,7 @@
 // gives k. Only P carries gradient: f is a count.
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "switchmoe/routing/options.hpp"
@@ -27,12 +28,14 @@ inline void check_load_balancing_inputs(const Eigen::Ref<const Matrix<float>>& p
 }
 
 /// weight[i] = f_e * E / groups for the experts e = e0 + i, i < n, of the group of tokens
-/// [first, first + group_size): the factor that multiplies P_e in the loss.
+/// [first, first + group_size): the factor that multiplies P_e in the loss. `total_groups` is
+/// the number of groups the loss averages over (0: the groups of `expert`; under expert
+/// parallelism, the groups of all processes, SEMANTICS 21).
 inline void load_balancing_group_weights(const Eigen::Ref<const Matrix<int>>& expert,
                                          Eigen::Index num_experts, int group_size,
                                          Eigen::Index first, Eigen::Index e0, Eigen::Index n,
-                                         double* weight) {
-  const Eigen::Index groups = expert.rows() / group_size;
+                                         double* weight, std::int64_t total_groups = 0) {
+  const Eigen::Index groups = total_groups > 0 ? total_groups : expert.rows() / group_size;
   std::fill(weight, weight + n, 0.0);
   for (Eigen::Index t = first; t < first + group_size; ++t) {
     for (Eigen::Index c = 0; c < expert.cols(); ++c) {
@@ -51,7 +54,6 @@ inline void load_balancing_group_weights(const Eigen::Ref<const Matrix<int>>& ex
 inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
                                  const Eigen::Ref<const Matrix<int>>& expert, int group_size,
                                  std::vector<double>& weight) {
-  check_load_balancing_inputs(probs, expert);
   const int g = resolve_group_size(probs.rows(), group_size);
   if (probs.rows() == 0) return 0.0f;
   weight.resize(static_cast<std::size_t>(probs.cols()));
@@ -72,14 +74,15 @@ inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
 /// the same for every token of the group. The chunks live on the stack: no heap scratch.
 template <class Visit>
 void for_each_load_balancing_grad_row(const Eigen::Ref<const Matrix<int>>& expert,
-                                      Eigen::Index num_experts, int g, const Visit& visit) {
+                                      Eigen::Index num_experts, int g, std::int64_t total_groups,
+                                      const Visit& visit) {
   constexpr Eigen::Index kChunk = 256;  // experts per stack buffer
   double weight[kChunk];
   float row[kChunk];
   for (Eigen::Index first = 0; first < expert.rows(); first += g) {
     for (Eigen::Index e0 = 0; e0 < num_experts; e0 += kChunk) {
       const Eigen::Index n = std::min(kChunk, num_experts - e0);
-      load_balancing_group_weights(expert, num_experts, g, first, e0, n, weight);
+      load_balancing_group_weights(expert, num_experts, g, first, e0, n, weight, total_groups);
       for (Eigen::Index i = 0; i < n; ++i) row[i] = static_cast<float>(weight[i] / g);
       visit(first, e0, Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(row, n));
     }
@@ -87,15 +90,15 @@ void for_each_load_balancing_grad_row(const Eigen::Ref<const Matrix<int>>& exper
 }
 
 /// target += coef * load_balancing_loss_grad(probs, expert, group_size), without the gradient
-/// matrix; `target` is [tokens, experts].
+/// matrix; `target` is [tokens, experts]. Trusts its inputs (public callers check them);
+/// `total_groups` as in load_balancing_group_weights.
 inline void add_load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& probs,
                                          const Eigen::Ref<const Matrix<int>>& expert,
-                                         int group_size, float coef, Matrix<float>& target) {
-  check_load_balancing_inputs(probs, expert);
+                                         int group_size, float coef, Matrix<float>& target,
+                                         std::int64_t total_groups = 0) {
   const int g = resolve_group_size(probs.rows(), group_size);
-  check_shape("target", target, probs.rows(), probs.cols());
   if (probs.rows() == 0) return;
-  for_each_load_balancing_grad_row(expert, probs.cols(), g,
+  for_each_load_balancing_grad_row(expert, probs.cols(), g, total_groups,
                                    [&](Eigen::Index first, Eigen::Index e0, const auto& row) {
                                      for (Eigen::Index t = first; t < first + g; ++t)
                                        target.row(t).segment(e0, row.size()) += coef * row;
@@ -107,6 +110,7 @@ inline void add_load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& 
 /// `probs` [tokens, experts], `expert` [tokens, k]; `group_size` 0 means one group.
 inline float load_balancing_loss(const Eigen::Ref<const Matrix<float>>& probs,
                                  const Eigen::Ref<const Matrix<int>>& expert, int group_size = 0) {
+  detail::check_load_balancing_inputs(probs, expert);
   std::vector<double> weight;
   return detail::load_balancing_loss(probs, expert, group_size, weight);
 }
@@ -120,7 +124,7 @@ inline void load_balancing_loss_grad(const Eigen::Ref<const Matrix<float>>& prob
   grad.resize(probs.rows(), probs.cols());
   if (probs.rows() == 0) return;
   detail::for_each_load_balancing_grad_row(
-      expert, probs.cols(), g, [&](Eigen::Index first, Eigen::Index e0, const auto& row) {
+      expert, probs.cols(), g, 0, [&](Eigen::Index first, Eigen::Index e0, const auto& row) {
         for (Eigen::Index t = first; t < first + g; ++t) grad.row(t).segment(e0, row.size()) = row;
       });
 }

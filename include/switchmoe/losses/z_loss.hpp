@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "switchmoe/core/types.hpp"
 
@@ -49,10 +50,12 @@ namespace detail {
 
 /// Calls visit(t, e, g) for every element, where g = d z / d logits(t, e)
 /// = 2 * lse_t * softmax(logits_t)_e / tokens, in float32.
+/// `total_tokens` is the number of tokens z averages over (0: the rows of `logits`; under
+/// expert parallelism, the tokens of all processes, SEMANTICS 21).
 template <class Visit>
-void for_each_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits,
-                                 const Visit& visit) {
-  const double tokens = static_cast<double>(logits.rows());
+void for_each_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits, const Visit& visit,
+                                 std::int64_t total_tokens = 0) {
+  const double tokens = static_cast<double>(total_tokens > 0 ? total_tokens : logits.rows());
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     const double lse = logsumexp(logits.row(t));
     for (Eigen::Index e = 0; e < logits.cols(); ++e) {
@@ -62,13 +65,13 @@ void for_each_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits,
   }
 }
 
-/// target += coef * router_z_loss_grad(logits), without the gradient matrix.
+/// target += coef * router_z_loss_grad(logits), without the gradient matrix. Trusts its inputs
+/// (finite logits, target of the same shape).
 inline void add_router_z_loss_grad(const Eigen::Ref<const Matrix<float>>& logits, float coef,
-                                   Matrix<float>& target) {
-  check_finite("logits", logits);
-  check_shape("target", target, logits.rows(), logits.cols());
+                                   Matrix<float>& target, std::int64_t total_tokens = 0) {
   for_each_router_z_loss_grad(
-      logits, [&](Eigen::Index t, Eigen::Index e, float g) { target(t, e) += coef * g; });
+      logits, [&](Eigen::Index t, Eigen::Index e, float g) { target(t, e) += coef * g; },
+      total_tokens);
 }
 
 }  // namespace detail

@@ -173,10 +173,13 @@ inline Routing route(const Eigen::Ref<const Matrix<float>>& logits, const Routin
 namespace detail {
 
 /// route_backward for a routing made by route() with these options; trusts its inputs.
+/// `aux_groups` and `z_tokens` are the denominators of the losses' means when they are global
+/// (expert parallelism, SEMANTICS 21: all processes' groups and tokens); 0 means this call's.
 inline void route_backward_validated(const Routing& routing,
                                      const Eigen::Ref<const Matrix<float>>& dgate,
                                      const RoutingOptions& options, float aux_coef, float z_coef,
-                                     Matrix<float>& dlogits) {
+                                     Matrix<float>& dlogits, std::int64_t aux_groups = 0,
+                                     std::int64_t z_tokens = 0) {
   const Eigen::Index tokens = routing.probs.rows();
   const Eigen::Index experts = routing.probs.cols();
   Matrix<float>& dprobs = dlogits;  // d/dprobs first; the softmax backward below is in place
@@ -202,14 +205,16 @@ inline void route_backward_validated(const Routing& routing,
   }
   if (aux_coef != 0.0f) {
     detail::add_load_balancing_loss_grad(routing.probs, routing.expert, routing.group_size,
-                                         aux_coef, dprobs);
+                                         aux_coef, dprobs, aux_groups);
   }
   // Softmax backward, row by row in place: dlogit_e = p_e * (dp_e - sum_j p_j dp_j).
   for (Eigen::Index t = 0; t < tokens; ++t) {
     const float dot = routing.probs.row(t).dot(dprobs.row(t));
     dlogits.row(t) = routing.probs.row(t).array() * (dprobs.row(t).array() - dot);
   }
-  if (z_coef != 0.0f) detail::add_router_z_loss_grad(routing.logits, z_coef, dlogits);
+  if (z_coef != 0.0f) {
+    detail::add_router_z_loss_grad(routing.logits, z_coef, dlogits, z_tokens);
+  }
 }
 
 }  // namespace detail

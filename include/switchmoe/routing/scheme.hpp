@@ -10,6 +10,7 @@
 //   void route(logits, mode, first_token, Routing&)   the logits are checked to be finite
 //   void end_route(const Routing&, mode, Exchange&)   after the losses are made global
 //   void plan(const Routing&, DispatchPlan&)          rows of (token, expert, gate) by expert
+//   Eigen::Index max_rows(tokens, mode) const         the most rows a routing can keep
 //   float loss(const Routing&) const                  what the layer adds to the task loss
 //   void backward(routing, plan, dgate_rows, LossScale, dlogits)
 //   void append_buffers(prefix, std::vector<ParameterRef>&)  layer state that is not trained
@@ -52,6 +53,12 @@ class RoutingScheme {
   template <class ExchangeT>
   void end_route(const Routing& /*routing*/, Mode /*mode*/, ExchangeT& /*exchange*/) {}
 
+  /// The most rows a routing of `tokens` tokens can keep (buffers are reserved for it, so that
+  /// they stop growing after the first call).
+  Eigen::Index max_rows(Eigen::Index tokens, Mode /*mode*/) const {
+    return tokens * options_.top_k;
+  }
+
   /// The rows the experts process, grouped by expert.
   void plan(const Routing& routing, DispatchPlan& plan) const {
     detail::build_dispatch_plan(routing, options_.num_experts, /*check_slots=*/false, plan);
@@ -69,8 +76,8 @@ class RoutingScheme {
   void backward(const Routing& routing, const DispatchPlan& plan,
                 const std::vector<float>& dgate_rows, LossScale scale, Matrix<float>& dlogits) {
     detail::rows_to_positions(plan, dgate_rows, dgate_);  // [tokens, k]
-    detail::route_backward_validated(routing, dgate_, options_, coefficients_.aux * scale.aux,
-                                     coefficients_.z * scale.z, dlogits);
+    detail::route_backward_validated(routing, dgate_, options_, coefficients_.aux, coefficients_.z,
+                                     dlogits, scale.groups, scale.tokens);
   }
 
   /// Layer state of the routing that is not trained by gradient (none for this scheme).
