@@ -13,6 +13,11 @@ each tensor's raw little-endian bytes, row-major, at its data_offsets.
     interop.py write-switch DIR    writes DIR/hf_switch_{F32,BF16,F16}.safetensors: a small
                                    SwitchTransformers sparse MLP and a dense T5 FFN under Hugging
                                    Face names, an input, and the outputs numpy computes for them
+    interop.py write-sharded DIR   writes that sparse MLP (BF16) in 3 shards with Hugging Face's
+                                   DIR/model.safetensors.index.json, and the input and numpy's
+                                   output in DIR/hf_sharded_io.safetensors
+    interop.py check-sharded DIR   checks the shards and index in DIR/cpp_sharded/ (written by
+                                   the C++ side) against DIR/cpp_sharded.json, bit for bit
     interop.py corpus DIR          writes the fuzzer's seed corpus: valid and broken files
 """
 
@@ -227,7 +232,8 @@ def switch_mlp(x, router, wi, wo, capacity):
     return y, dropped, margin
 
 
-def write_switch(folder):
+def switch_case():
+    """The sparse MLP of the Switch tests: (x, router, wi, wo, dense_wi, dense_wo, capacity)."""
     d_model, d_ff, experts, tokens, capacity = 8, 16, 4, 24, 4
     # Seeds are tried in order until every token's top-1 choice is clear (so float32 rounding
     # differences between numpy and C++ cannot flip it) and some tokens are dropped.
@@ -248,6 +254,12 @@ def write_switch(folder):
             break
     else:
         raise RuntimeError("no seed gives clear choices")
+    return x, router, wi, wo, dense_wi, dense_wo, capacity
+
+
+def write_switch(folder):
+    x, router, wi, wo, dense_wi, dense_wo, capacity = switch_case()
+    (experts, d_ff, d_model) = wi.shape
     for dtype in ("F32", "BF16", "F16"):
         r, i, o = (stored_values(dtype, m) for m in (router, wi, wo))
         di, do = stored_values(dtype, dense_wi), stored_values(dtype, dense_wo)
@@ -271,6 +283,94 @@ def write_switch(folder):
         with open(os.path.join(folder, "hf_switch_%s.safetensors" % dtype), "wb") as f:
             f.write(build_file(tensors, metadata))
     return 0
+
+
+SHARDS = 3
+
+
+def write_sharded(folder):
+    """The Switch test's sparse MLP in BF16 as Hugging Face shards it: SHARDS files
+    model-0000k-of-00003.safetensors (experts dealt round-robin, the router in the last shard)
+    and model.safetensors.index.json; the input and numpy's output in hf_sharded_io.safetensors."""
+    x, router, wi, wo, _, _, capacity = switch_case()
+    (experts, d_ff, d_model) = wi.shape
+    dtype = "BF16"
+    r, i, o = (stored_values(dtype, m) for m in (router, wi, wo))
+    y, dropped, _ = switch_mlp(x, r, i, o, capacity)
+    shards = [[] for _ in range(SHARDS)]
+    for e in range(experts):
+        p = SWITCH_PREFIX + "experts.expert_%d." % e
+        shards[e % SHARDS].append((p + "wi.weight", dtype, wi[e].shape, encode(dtype, wi[e])[1]))
+        shards[e % SHARDS].append((p + "wo.weight", dtype, wo[e].shape, encode(dtype, wo[e])[1]))
+    shards[-1].append((SWITCH_PREFIX + "router.classifier.weight", dtype, router.shape,
+                       encode(dtype, router)[1]))
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        name = "model-%05d-of-%05d.safetensors" % (k + 1, SHARDS)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(build_file(tensors, {"format": "pt"}))
+        for tensor in tensors:
+            weight_map[tensor[0]] = name
+            total += len(tensor[3])
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    io_tensors = [(n, "F32", v.shape, encode("F32", v)[1]) for n, v in (("input", x),
+                                                                          ("expected.switch", y))]
+    metadata = {"format": "pt", "d_model": str(d_model), "d_ff": str(d_ff),
+                "num_experts": str(experts), "expert_capacity": str(capacity),
+                "dropped": str(dropped)}
+    with open(os.path.join(folder, "hf_sharded_io.safetensors"), "wb") as f:
+        f.write(build_file(io_tensors, metadata))
+    return 0
+
+
+def check_sharded(folder):
+    """Checks the sharded checkpoint the C++ side wrote (DIR/cpp_sharded/model.safetensors.index
+    .json) against DIR/cpp_sharded.json, the float32 bits of every tensor: each shard a valid
+    file, each tensor in the shard the index names and in no other, total_size the bytes of data,
+    every element bit for bit."""
+    with open(os.path.join(folder, "cpp_sharded.json")) as f:
+        manifest = json.load(f)
+    root = os.path.join(folder, "cpp_sharded")
+    with open(os.path.join(root, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    weight_map = index["weight_map"]
+    problems, seen, total = [], {}, 0
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or shard in (".", ".."):
+            problems.append("shard name %r leaves the folder" % shard)
+            continue
+        with open(os.path.join(root, shard), "rb") as f:
+            header, data, _ = parse_file(f.read())
+        header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if name in seen:
+                problems.append("%s in %s and %s" % (name, seen[name], shard))
+            seen[name] = shard
+            if weight_map.get(name) != shard:
+                problems.append("%s is in %s, the index says %s" % (name, shard,
+                                                                    weight_map.get(name)))
+            begin, end = entry["data_offsets"]
+            total += end - begin
+            want = manifest.get(name)
+            if want is None:
+                problems.append("%s is not in the manifest" % name)
+                continue
+            got = np.frombuffer(data[begin:end], dtype="<u4")
+            if entry["dtype"] != "F32" or entry["shape"] != want["shape"] or \
+                    got.tolist() != want["bits"]:
+                problems.append("%s: %s %s differs from the manifest" % (name, entry["dtype"],
+                                                                          entry["shape"]))
+    if sorted(seen) != sorted(manifest) or sorted(weight_map) != sorted(manifest):
+        problems.append("tensors %s, index %s, expected %s" % (sorted(seen), sorted(weight_map),
+                                                               sorted(manifest)))
+    if index.get("metadata", {}).get("total_size") != total:
+        problems.append("total_size %r, the shards hold %d bytes" % (
+            index.get("metadata", {}).get("total_size"), total))
+    for problem in problems:
+        print("interop.py: " + problem, file=sys.stderr)
+    print("interop.py: checked %d sharded tensors, %d problems" % (len(manifest), len(problems)))
+    return 1 if problems else 0
 
 
 def stored_values(dtype, values):
@@ -320,7 +420,8 @@ def write_corpus(folder):
 
 def main(argv):
     commands = {"write-tensors": write_tensors, "check-tensors": check_tensors,
-                "write-switch": write_switch, "corpus": write_corpus}
+                "write-switch": write_switch, "write-sharded": write_sharded,
+                "check-sharded": check_sharded, "corpus": write_corpus}
     if len(argv) != 3 or argv[1] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

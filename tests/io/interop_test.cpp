@@ -174,4 +174,65 @@ TEST_F(Interop, HuggingFaceSwitchFilesComputeNumpysOutputs) {
   }
 }
 
+// The same sparse MLP in BF16, sharded by interop.py as Hugging Face does (three files and
+// model.safetensors.index.json, experts dealt round-robin): loaded through the index, lazily or
+// with every shard opened and checked first, it computes numpy's outputs.
+TEST_F(Interop, HuggingFaceShardedSwitchComputesNumpysOutputs) {
+  ASSERT_EQ(python("write-sharded"), 0);
+  const SafetensorsReader io(path("hf_sharded_io.safetensors"));
+  const auto& meta = io.metadata();
+  switchmoe::SwitchConfig config;
+  config.d_model = std::stoi(meta.at("d_model"));
+  config.d_ff = std::stoi(meta.at("d_ff"));
+  config.routing.num_experts = std::stoi(meta.at("num_experts"));
+  config.routing.expert_capacity = std::stoi(meta.at("expert_capacity"));
+  config.seed = 99;
+  const Matrix<float> x = io.tensor("input");                   // [tokens, d_model]
+  const Matrix<float> expected = io.tensor("expected.switch");  // [tokens, d_model]
+  for (const auto opening :
+       {switchmoe::io::ShardOpening::kLazy, switchmoe::io::ShardOpening::kAll}) {
+    const switchmoe::io::ShardedSafetensorsReader reader(path("model.safetensors.index.json"),
+                                                         opening);
+    EXPECT_EQ(reader.index().shards().size(), 3u);
+    EXPECT_EQ(reader.dtype("encoder.block.1.layer.1.mlp.router.classifier.weight"), "BF16");
+    switchmoe::SwitchLayer<> layer(config);
+    switchmoe::load_weights(reader, layer, switchmoe::WeightNames::kHuggingFaceSwitch,
+                            "encoder.block.1.layer.1.mlp.");
+    const auto out = layer.forward(x, switchmoe::Mode::kEval);
+    ASSERT_EQ(out.y.rows(), expected.rows());
+    const float scale = expected.cwiseAbs().maxCoeff();
+    EXPECT_GT(scale, 0.0f);
+    EXPECT_LE((out.y - expected).cwiseAbs().maxCoeff(), 1e-5f * scale);
+    int dropped = 0;
+    for (Eigen::Index t = 0; t < out.routing.slot.rows(); ++t)
+      dropped += out.routing.slot(t, 0) < 0;
+    EXPECT_EQ(dropped, std::stoi(meta.at("dropped")));
+  }
+}
+
+// write_sharded's shards and index, read by interop.py: every tensor in the shard the index
+// names and in no other, total_size right, every element bit for bit.
+TEST_F(Interop, PythonChecksCppWrittenShards) {
+  switchmoe::SwitchConfig config;
+  config.d_model = 8;
+  config.d_ff = 12;
+  config.routing.num_experts = 5;
+  config.router_bias = true;
+  config.seed = 7;
+  switchmoe::SwitchLayer<> layer(config);
+  SafetensorsWriter writer;
+  switchmoe::save_weights(writer, layer, switchmoe::WeightNames::kSwitchmoe, "layers.3.");
+  nlohmann::json manifest = nlohmann::json::object();
+  for (const auto& p : layer.parameters()) {
+    std::vector<std::uint32_t> bits;
+    for (Eigen::Index i = 0; i < p.value->size(); ++i) bits.push_back(bits_of(p.value->data()[i]));
+    manifest["layers.3." + p.name] = {{"shape", {p.value->rows(), p.value->cols()}},
+                                      {"bits", bits}};
+  }
+  fs::create_directory(dir_ / "cpp_sharded");
+  switchmoe::io::write_sharded(writer, path("cpp_sharded"), 4);
+  std::ofstream(path("cpp_sharded.json")) << manifest.dump();
+  EXPECT_EQ(python("check-sharded"), 0);
+}
+
 }  // namespace

@@ -36,11 +36,14 @@ class Block {
     return dh;
   }
 
-  void parameters(ParamList<T>& out, const std::string& prefix) {
+  // The feed-forward layer's tensors are named prefix + kFeedForwardPrefix + its own names; without
+  // `with_feed_forward` only the block's own tensors are listed.
+  static constexpr const char* kFeedForwardPrefix = "ffn.";
+  void parameters(ParamList<T>& out, const std::string& prefix, bool with_feed_forward = true) {
     ln_attention_.parameters(out, prefix);
     attention_.parameters(out, prefix);
     ln_feed_forward_.parameters(out, prefix);
-    feed_forward_.parameters(out, prefix + "ffn.");
+    if (with_feed_forward) feed_forward_.parameters(out, prefix + kFeedForwardPrefix);
   }
 
   FeedForward& feed_forward() { return feed_forward_; }

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,14 @@ inline std::string strprintf(const char* format, ...) {
   std::vsnprintf(buf, sizeof buf, format, args);
   va_end(args);
   return buf;
+}
+
+// `text` with newlines and tabs shown as \n and \t (a prompt in a one-line header).
+inline std::string escaped(const std::string& text) {
+  std::string out;
+  for (const char c : printable(text))
+    out += c == '\n' ? "\\n" : c == '\t' ? "\\t" : std::string(1, c);
+  return out;
 }
 
 template <class Policy>
@@ -58,11 +68,13 @@ RunSummary summarize(Run<Policy>& run, int steps) {
   return s;
 }
 
-// Trains `runs` in lockstep for options.train.steps steps, evaluating every eval_interval steps.
+// Trains `runs` in lockstep over steps [first, last] of the options.train.steps schedule (all of
+// it by default), evaluating every eval_interval steps and at the last step.
 template <class Policy>
 void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, ProgressLine& progress,
-                    Run<Policy>* teacher = nullptr) {
+                    Run<Policy>* teacher = nullptr, int first = 1, int last = 0) {
   const int steps = options.train.steps;
+  if (last <= 0) last = steps;
   const auto start = std::chrono::steady_clock::now();
   auto evaluate_all = [&](int step) {
     std::string line = strprintf("step %5d  valid bits/byte:", step);
@@ -74,8 +86,8 @@ void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, Prog
       if (!loads.empty()) progress.print(loads.substr(0, loads.size() - 1));
     }
   };
-  evaluate_all(0);
-  for (int step = 1; step <= steps; ++step) {
+  if (first == 1) evaluate_all(0);  // a resumed run's curve has its earlier points
+  for (int step = first; step <= last; ++step) {
     for (auto* run : runs) run->train_step(step, teacher, run->teacher_weight());
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -83,9 +95,9 @@ void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, Prog
     for (auto* run : runs)
       line += strprintf(" | %s %.0f tok/s loss %.3f", run->name().c_str(), run->tokens_per_second(),
                         run->last_train_bits());
-    line += " | ETA " + format_duration(elapsed / step * (steps - step));
-    progress.update(line, step == steps);
-    if (step % options.train.eval_interval == 0 || step == steps) evaluate_all(step);
+    line += " | ETA " + format_duration(elapsed / (step - first + 1) * (last - step));
+    progress.update(line, step == last);
+    if (step % options.train.eval_interval == 0 || step == last) evaluate_all(step);
   }
 }
 
@@ -124,7 +136,53 @@ int run_experiment(const Options& options, const TextData& data) {
                 format_count(dense.forward_flops_per_token()).c_str(),
                 format_count(moe.forward_flops_per_token()).c_str()));
 
-  train_lockstep<Policy>({&dense, &moe}, options, progress);
+  // --resume: both runs continue from the saved step, their state as it was then.
+  int first = 1;
+  if (!options.resume.empty()) {
+    const nlohmann::json state = read_state(options.resume);
+    const int saved_step = with_state_errors(options.resume, [&] {
+      if (state.at("text_checksum").get<std::string>() != text_checksum(data))
+        throw std::runtime_error("checkpoint '" + options.resume + "' was trained on other text (" +
+                                 state.at("text").get<std::string>() + ") than " + data.source);
+      return state.at("step").get<int>();
+    });
+    for (auto* run : {&dense, &moe}) {
+      const nlohmann::json& saved = with_state_errors(
+          options.resume,
+          [&]() -> const nlohmann::json& { return state.at("runs").at(run->name()); });
+      run->load(options.resume, saved_step, saved);
+    }
+    first = saved_step + 1;
+    progress.print(strprintf("resumed from %s after step %d", options.resume.c_str(), saved_step));
+  }
+  const int last =
+      options.stop_at > 0 ? std::min(options.stop_at, options.train.steps) : options.train.steps;
+  if (first <= last)
+    train_lockstep<Policy>({&dense, &moe}, options, progress, nullptr, first, last);
+  const int reached = std::max(first - 1, last);
+
+  if (!options.save.empty()) {
+    fs::create_directories(options.save, ec);
+    if (ec) {
+      std::fprintf(stderr, "error: cannot create checkpoint directory '%s': %s\n",
+                   options.save.c_str(), ec.message().c_str());
+      return 1;
+    }
+    nlohmann::json state;
+    state["format"] = "switch_lm checkpoint 1";
+    state["step"] = reached;
+    state["config"] = training_options(options);
+    state["text"] = data.source;
+    state["text_checksum"] = text_checksum(data);
+    for (auto* run : {&dense, &moe}) state["runs"][run->name()] = run->save(options.save, reached);
+    write_state(options.save, state);  // last: the files it names are complete
+    progress.print(strprintf("saved both runs after step %d to %s", reached, options.save.c_str()));
+  }
+  if (reached < options.train.steps) {
+    progress.print(strprintf("stopped after step %d of %d; continue with --resume %s", reached,
+                             options.train.steps, options.save.c_str()));
+    return 0;
+  }
 
   std::vector<RunSummary> summaries{summarize(dense, options.train.steps),
                                     summarize(moe, options.train.steps)};
@@ -186,10 +244,13 @@ int run_experiment(const Options& options, const TextData& data) {
   write_curves_csv(csv, summaries);
   report += "curves: " + csv + "\n" + plot_curves(options.out, csv, summaries) + "\n";
 
-  report += "\nsamples (prompt \"%\\n\", temperature 0.8):\n";
+  report += "\nsamples (prompt \"" + escaped(options.prompt) + "\", temperature " +
+            strprintf("%.2f", options.temperature) + "):\n";
   for (auto* run : {&dense, &moe}) {
     report += "--- " + run->name() + " ---\n" +
-              printable(run->generate("%\n", options.sample_bytes, 0.8, options.seed)) + "\n";
+              printable(run->generate(options.prompt, options.sample_bytes, options.temperature,
+                                      options.seed)) +
+              "\n";
   }
   progress.print(report);
   std::ofstream(options.out + "/report.txt") << report;
@@ -206,6 +267,28 @@ int run_experiment(const Options& options, const TextData& data) {
     if (!ok) return 1;
     std::printf("quick check passed: every run ends below %.2f bits/byte\n",
                 options.quick_max_bits);
+  }
+  return 0;
+}
+
+// --load DIR --generate: both saved models sample text after the prompt; nothing is trained and
+// no training text is read.
+template <class Policy>
+int generate_from_checkpoint(const Options& options) {
+  const nlohmann::json state = read_state(options.load);
+  const int step = with_state_errors(options.load, [&] { return state.at("step").get<int>(); });
+  std::printf("models of %s after step %d (prompt \"%s\", temperature %.2f):\n",
+              options.load.c_str(), step, escaped(options.prompt).c_str(), options.temperature);
+  for (const bool is_switch : {false, true}) {
+    const std::string name = is_switch ? "switch" : "dense";
+    auto model = Run<Policy>::build_model(
+        options.model, is_switch ? std::optional<SwitchSettings>(options.moe) : std::nullopt,
+        options.seed);
+    load_model(model, model_file(options.load, name), step);
+    std::printf("--- %s ---\n%s\n", name.c_str(),
+                printable(generate_text(model, options.prompt, options.sample_bytes,
+                                        options.temperature, options.seed))
+                    .c_str());
   }
   return 0;
 }

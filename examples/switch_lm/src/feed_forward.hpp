@@ -4,8 +4,10 @@
 // Switch layers replace every other FFN). Both use the same activation and the same d_ff, so a
 // token costs the same FLOPs in either (plus the router's d_model x experts product).
 
+#include <cstdint>
 #include <memory>
 #include <string>
+#include <switchmoe/io/safetensors.hpp>
 #include <switchmoe/switchmoe.hpp>
 #include <variant>
 #include <vector>
@@ -24,6 +26,11 @@ struct ExpertLoad {
     stats.merge(other.stats);
     calls += other.calls;
   }
+};
+
+struct StreamPositions {
+  std::uint64_t jitter_calls = 0;  // Switch layers only
+  std::uint64_t dropout_calls = 0;
 };
 
 template <class Policy, class Activation = switchmoe::Relu>
@@ -72,12 +79,42 @@ class FeedForward {
         layer_);
   }
 
+  // Checkpoints: the library layer's tensors under switchmoe's own names (SEMANTICS 22) with
+  // `prefix`, its buffers included; load_weights checks every tensor before changing any.
+  void save(switchmoe::io::SafetensorsWriter& writer, const std::string& prefix) {
+    std::visit([&](auto& layer) { switchmoe::save_weights(writer, *layer, kNames, prefix); },
+               layer_);
+  }
+  void load(const switchmoe::io::SafetensorsReader& reader, const std::string& prefix) {
+    std::visit([&](auto& layer) { switchmoe::load_weights(reader, *layer, kNames, prefix); },
+               layer_);
+  }
+
+  // Positions of the layer's random streams (router jitter, dropout): state that a checkpoint
+  // keeps so that a resumed run draws what the uninterrupted one would.
+  StreamPositions stream_positions() {
+    if (auto* dense = std::get_if<std::unique_ptr<Dense>>(&layer_))
+      return {0, (*dense)->dropout_calls()};
+    auto& layer = *std::get<std::unique_ptr<Switch>>(layer_);
+    return {layer.router().jitter_calls(), layer.experts().dropout_calls()};
+  }
+  void set_stream_positions(const StreamPositions& positions) {
+    if (auto* dense = std::get_if<std::unique_ptr<Dense>>(&layer_)) {
+      (*dense)->set_dropout_calls(positions.dropout_calls);
+      return;
+    }
+    auto& layer = *std::get<std::unique_ptr<Switch>>(layer_);
+    layer.router().set_jitter_calls(positions.jitter_calls);
+    layer.experts().set_dropout_calls(positions.dropout_calls);
+  }
+
   // Scaled auxiliary loss (aux + z) of the last forward; already differentiated in backward.
   double aux_loss() const { return aux_loss_; }
   // Expert load of the last forward (empty for a dense layer).
   const ExpertLoad& load() const { return load_; }
 
  private:
+  static constexpr switchmoe::WeightNames kNames = switchmoe::WeightNames::kSwitchmoe;
   static ExpertLoad expert_load(const switchmoe::RoutingStats& stats) { return {stats, 1}; }
 
   std::variant<std::unique_ptr<Dense>, std::unique_ptr<Switch>> layer_;

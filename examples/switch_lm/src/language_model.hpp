@@ -69,15 +69,17 @@ class LanguageModel {
 
   // Fresh list on every call: the library marks its compute copies stale on this non-const access
   // (API.md), so the optimizer fetches the list before each update.
-  ParamList<T> parameters() {
-    ParamList<T> out;
-    token_embedding_.parameters(out, "");
-    position_embedding_.parameters(out, "");
-    for (std::size_t i = 0; i < blocks_.size(); ++i)
-      blocks_[i].parameters(out, "blocks." + std::to_string(i) + ".");
-    final_ln_.parameters(out, "");
-    head_.parameters(out, "");
-    return out;
+  ParamList<T> parameters() { return collect(true); }
+
+  // The model's own tensors (embeddings, attention, norms, read-out), without the feed-forward
+  // layers' (checkpoints save those through the library, under feed_forward_prefix(block)).
+  ParamList<T> own_parameters() { return collect(false); }
+
+  static std::string block_prefix(std::size_t block) {
+    return "blocks." + std::to_string(block) + ".";
+  }
+  static std::string feed_forward_prefix(std::size_t block) {
+    return block_prefix(block) + BlockType::kFeedForwardPrefix;
   }
 
   void zero_grad() {
@@ -96,6 +98,17 @@ class LanguageModel {
   const ModelConfig& config() const { return config_; }
 
  private:
+  ParamList<T> collect(bool with_feed_forward) {
+    ParamList<T> out;
+    token_embedding_.parameters(out, "");
+    position_embedding_.parameters(out, "");
+    for (std::size_t i = 0; i < blocks_.size(); ++i)
+      blocks_[i].parameters(out, block_prefix(i), with_feed_forward);
+    final_ln_.parameters(out, "");
+    head_.parameters(out, "");
+    return out;
+  }
+
   ModelConfig config_;
   std::mt19937_64 rng_;
   TokenEmbedding<T> token_embedding_;

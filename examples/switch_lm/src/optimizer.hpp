@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "tensor.hpp"
@@ -49,6 +51,28 @@ class AdamW {
       v_[i].array() = b2 * v_[i].array() + (T(1) - b2) * g.array().square();
       w.array() -= step_size * m_[i].array() / ((v_[i].array() * inv_c2).sqrt() + eps);
     }
+  }
+
+  // The state a checkpoint keeps: steps taken and the moments, one per tensor in the order of
+  // the params lists (empty before the first step).
+  int steps() const { return t_; }
+  const std::vector<MatrixX<T>>& first_moments() const { return m_; }
+  const std::vector<MatrixX<T>>& second_moments() const { return v_; }
+
+  // Restores a saved state; the next step() must get params whose shapes match the moments.
+  void restore(int steps, std::vector<MatrixX<T>> m, std::vector<MatrixX<T>> v) {
+    if (steps < 0 || m.size() != v.size() || (steps == 0) != m.empty())
+      throw std::invalid_argument("AdamW::restore: steps = " + std::to_string(steps) + " with " +
+                                  std::to_string(m.size()) + " first and " +
+                                  std::to_string(v.size()) +
+                                  " second moments, expected as many of each, none iff steps = 0");
+    for (std::size_t i = 0; i < m.size(); ++i)
+      if (m[i].rows() != v[i].rows() || m[i].cols() != v[i].cols())
+        throw std::invalid_argument("AdamW::restore: moments of tensor " + std::to_string(i) +
+                                    " differ in shape");
+    t_ = steps;
+    m_ = std::move(m);
+    v_ = std::move(v);
   }
 
  private:

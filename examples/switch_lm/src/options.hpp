@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -27,6 +28,14 @@ struct Options {
   bool distill = false;
   double distill_teacher_weight = 0.25;  // paper section 4.2: 0.25 teacher / 0.75 hard labels
   int sample_bytes = 320;
+  // Checkpoints (checkpoint.hpp).
+  std::string save;    // --save DIR: write both runs there after training (or at --stop-at)
+  std::string resume;  // --resume DIR: continue the runs saved there
+  std::string load;    // --load DIR with --generate: sample from the saved models, no training
+  bool generate = false;
+  int stop_at = 0;  // 0: train all --steps; N: stop after step N (of the --steps schedule)
+  std::string prompt = "%\n";
+  double temperature = 0.8;
   bool help = false;
 };
 
@@ -62,6 +71,13 @@ distillation (paper section 4.2)
   --distill                distill the Switch model into a dense student and report the kept gain
   --distill-weight X       weight of the teacher's soft targets (default 0.25)
   --sample-bytes N         bytes of generated text per model
+checkpoints (safetensors; see README.md)
+  --save DIR               after training, write both models, AdamW state, step and RNG to DIR
+  --stop-at N              stop after step N of the --steps schedule (with --save: resume later)
+  --resume DIR             continue the runs saved in DIR exactly (options default to the saved
+                           ones; a training option that differs from them is an error)
+  --load DIR --generate    sample text from the models saved in DIR, without training
+  --prompt TEXT --temperature X   what --generate samples after (default "%\n", 0.8)
 )";
 }
 
@@ -75,9 +91,9 @@ inline void apply_quick_defaults(Options& o) {
   o.sample_bytes = 160;
 }
 
-// Throws std::invalid_argument naming the option, its value and what was expected.
-inline Options parse_options(int argc, char** argv) {
-  Options o;
+// Throws std::invalid_argument naming the option, its value and what was expected. Options not
+// given keep their value in `o` (a checkpoint's options when resuming).
+inline Options parse_options(int argc, char** argv, Options o = Options()) {
   std::vector<std::string> args(argv + 1, argv + argc);
   for (const auto& a : args)
     if (a == "--quick") apply_quick_defaults(o);
@@ -172,6 +188,20 @@ inline Options parse_options(int argc, char** argv) {
       o.distill_teacher_weight = real(0.0, true);
     else if (key == "--sample-bytes")
       o.sample_bytes = integer(0);
+    else if (key == "--save")
+      o.save = next();
+    else if (key == "--resume")
+      o.resume = next();
+    else if (key == "--load")
+      o.load = next();
+    else if (key == "--generate")
+      o.generate = true;
+    else if (key == "--stop-at")
+      o.stop_at = integer(1);
+    else if (key == "--prompt")
+      o.prompt = next();
+    else if (key == "--temperature")
+      o.temperature = real(0.0, false);
     else if (key == "--precision") {
       o.precision = next();
       if (o.precision != "fp32" && o.precision != "bf16")
@@ -185,10 +215,96 @@ inline Options parse_options(int argc, char** argv) {
     throw std::invalid_argument(
         "option --heads = " + std::to_string(o.model.heads) +
         ": expected a divisor of --d-model = " + std::to_string(o.model.d_model));
+  if (!o.resume.empty() && !o.load.empty())
+    throw std::invalid_argument(
+        "options --resume and --load exclude each other (--resume DIR "
+        "trains on, --load DIR --generate only samples)");
+  if (o.generate != !o.load.empty())
+    throw std::invalid_argument(o.generate ? "option --generate needs --load DIR"
+                                           : "option --load = '" + o.load +
+                                                 "' needs --generate (to train on, use --resume)");
+  if (o.stop_at > 0 && o.save.empty())
+    throw std::invalid_argument("option --stop-at = " + std::to_string(o.stop_at) +
+                                " needs --save DIR (a stopped run is only useful resumed)");
   if (o.distill_teacher_weight > 1.0)
     throw std::invalid_argument(
         "option --distill-weight = " + std::to_string(o.distill_teacher_weight) +
         ": expected a number in [0, 1]");
+  return o;
+}
+
+// The options that shape training, keyed by their option names: a checkpoint keeps them, and a
+// resumed run must have the same (checkpoint_options).
+inline nlohmann::json training_options(const Options& o) {
+  return {{"d-model", o.model.d_model},
+          {"layers", o.model.layers},
+          {"heads", o.model.heads},
+          {"d-ff", o.model.d_ff},
+          {"context", o.model.context},
+          {"experts", o.moe.experts},
+          {"capacity-factor", o.moe.capacity_factor},
+          {"eval-capacity-factor", o.moe.eval_capacity_factor},
+          {"aux-coef", o.moe.aux_loss_coef},
+          {"z-coef", o.moe.z_loss_coef},
+          {"jitter", o.moe.jitter_eps},
+          {"router-lr-scale", o.moe.router_lr_scale},
+          {"expert-weight-decay", o.moe.expert_weight_decay ? 1 : 0},
+          {"steps", o.train.steps},
+          {"batch", o.train.batch},
+          {"lr", o.train.lr},
+          {"warmup", o.train.warmup},
+          {"final-lr-fraction", o.train.final_lr_fraction},
+          {"weight-decay", o.train.adamw.weight_decay},
+          {"clip", o.train.clip_norm},
+          {"seed", o.seed},
+          {"precision", o.precision},
+          {"data", o.data}};
+}
+
+// The command line parsed over the options saved in a checkpoint (`saved`, from state.json of
+// `dir`): unspecified options take the saved values; a training option given with another value
+// than the saved one is an error, since the run would not continue the saved one.
+inline Options checkpoint_options(int argc, char** argv, const std::string& dir,
+                                  const nlohmann::json& saved) {
+  Options base;
+  try {
+    base.model.d_model = saved.at("d-model").get<int>();
+    base.model.layers = saved.at("layers").get<int>();
+    base.model.heads = saved.at("heads").get<int>();
+    base.model.d_ff = saved.at("d-ff").get<int>();
+    base.model.context = saved.at("context").get<int>();
+    base.moe.experts = saved.at("experts").get<int>();
+    base.moe.capacity_factor = saved.at("capacity-factor").get<double>();
+    base.moe.eval_capacity_factor = saved.at("eval-capacity-factor").get<double>();
+    base.moe.aux_loss_coef = saved.at("aux-coef").get<float>();
+    base.moe.z_loss_coef = saved.at("z-coef").get<float>();
+    base.moe.jitter_eps = saved.at("jitter").get<float>();
+    base.moe.router_lr_scale = saved.at("router-lr-scale").get<double>();
+    base.moe.expert_weight_decay = saved.at("expert-weight-decay").get<int>() != 0;
+    base.train.steps = saved.at("steps").get<int>();
+    base.train.batch = saved.at("batch").get<int>();
+    base.train.lr = saved.at("lr").get<double>();
+    base.train.warmup = saved.at("warmup").get<int>();
+    base.train.final_lr_fraction = saved.at("final-lr-fraction").get<double>();
+    base.train.adamw.weight_decay = saved.at("weight-decay").get<double>();
+    base.train.clip_norm = saved.at("clip").get<double>();
+    base.seed = saved.at("seed").get<std::uint64_t>();
+    base.precision = saved.at("precision").get<std::string>();
+    base.data = saved.at("data").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument("checkpoint '" + dir + "': state.json has malformed options (" +
+                                e.what() + ")");
+  }
+  // --quick's defaults apply over the saved options, so compare after them too.
+  Options o = parse_options(argc, argv, base);
+  const nlohmann::json now = training_options(o);
+  for (const auto& item : saved.items()) {
+    if (now.contains(item.key()) && now[item.key()] != item.value())
+      throw std::invalid_argument("option --" + item.key() + " = " + now[item.key()].dump() +
+                                  " differs from the checkpoint '" + dir + "' (" +
+                                  item.value().dump() +
+                                  "): a resumed or loaded run keeps the saved options");
+  }
   return o;
 }
 

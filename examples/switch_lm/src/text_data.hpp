@@ -7,6 +7,7 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -112,6 +113,22 @@ class BatchSampler {
         targets[static_cast<std::size_t>(b) * seq_ + t] = text_[start + t + 1];
       }
     }
+  }
+
+  // The position in the stream of batches: the generator's state as text (checkpoints keep it).
+  std::string state() const {
+    std::ostringstream out;
+    out << rng_;
+    return out.str();
+  }
+  void set_state(const std::string& state) {
+    std::istringstream in(state);
+    std::mt19937_64 rng;
+    in >> rng;
+    if (in.fail() || !(in >> std::ws).eof())
+      throw std::runtime_error("batch sampler state '" + state.substr(0, 40) +
+                               "...' is not a std::mt19937_64 state");
+    rng_ = rng;
   }
 
  private:

@@ -11,6 +11,7 @@
 #include <switchmoe/switchmoe.hpp>
 #include <vector>
 
+#include "checkpoint.hpp"
 #include "cross_entropy.hpp"
 #include "feed_forward.hpp"
 #include "language_model.hpp"
@@ -53,6 +54,32 @@ struct EvalPoint {
 
 inline double bits(double nats) { return nats / std::log(2.0); }
 
+// Samples `length` bytes after `prompt` from `model` (temperature sampling, evaluation mode).
+template <class Model>
+std::string generate_text(Model& model, const std::string& prompt, int length, double temperature,
+                          std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int> context(prompt.begin(), prompt.end());
+  for (auto& c : context) c = static_cast<unsigned char>(c);
+  std::string out;
+  const int window = model.config().context;
+  for (int i = 0; i < length; ++i) {
+    const int start = std::max(0, static_cast<int>(context.size()) - window);
+    const std::vector<int> input(context.begin() + start, context.end());
+    const int seq = static_cast<int>(input.size());
+    const MatrixX<float> logits = model.forward(input, 1, seq, switchmoe::Mode::kEval);
+    std::vector<double> weights(static_cast<std::size_t>(logits.cols()));
+    const float max = logits.row(seq - 1).maxCoeff();
+    for (Eigen::Index v = 0; v < logits.cols(); ++v)
+      weights[static_cast<std::size_t>(v)] = std::exp((logits(seq - 1, v) - max) / temperature);
+    std::discrete_distribution<int> pick(weights.begin(), weights.end());
+    const int next = pick(rng);
+    context.push_back(next);
+    out.push_back(static_cast<char>(next));
+  }
+  return out;
+}
+
 template <class Policy>
 class Run {
  public:
@@ -64,16 +91,21 @@ class Run {
         train_(train),
         moe_(moe),
         data_(data),
-        model_(model_config, seed,
-               [&](int layer, std::mt19937_64&) {
-                 return make_feed_forward(model_config, moe, seed, layer);
-               }),
+        model_(build_model(model_config, moe, seed)),
         optimizer_(train.adamw),
         schedule_{train.lr, train.warmup, train.steps, train.final_lr_fraction},
         sampler_(data.train, train.batch, model_config.context, seed),
         valid_offsets_(validation_offsets(data.valid.size(), model_config.context,
                                           static_cast<std::size_t>(train.eval_tokens))) {
     if (moe_) loads_.resize(static_cast<std::size_t>(model_config.layers));
+  }
+
+  // The model a run of these settings starts from (a Switch model when `moe` is given).
+  static Model build_model(const ModelConfig& model_config,
+                           const std::optional<SwitchSettings>& moe, std::uint64_t seed) {
+    return Model(model_config, seed, [&](int layer, std::mt19937_64&) {
+      return make_feed_forward(model_config, moe, seed, layer);
+    });
   }
 
   const std::string& name() const { return name_; }
@@ -232,26 +264,75 @@ class Run {
   // Samples `length` bytes after `prompt` (temperature sampling, evaluation mode).
   std::string generate(const std::string& prompt, int length, double temperature,
                        std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::vector<int> context(prompt.begin(), prompt.end());
-    for (auto& c : context) c = static_cast<unsigned char>(c);
-    std::string out;
-    const int window = model_.config().context;
-    for (int i = 0; i < length; ++i) {
-      const int start = std::max(0, static_cast<int>(context.size()) - window);
-      const std::vector<int> input(context.begin() + start, context.end());
-      const int seq = static_cast<int>(input.size());
-      const MatrixX<float> logits = model_.forward(input, 1, seq, switchmoe::Mode::kEval);
-      std::vector<double> weights(static_cast<std::size_t>(logits.cols()));
-      const float max = logits.row(seq - 1).maxCoeff();
-      for (Eigen::Index v = 0; v < logits.cols(); ++v)
-        weights[static_cast<std::size_t>(v)] = std::exp((logits(seq - 1, v) - max) / temperature);
-      std::discrete_distribution<int> pick(weights.begin(), weights.end());
-      const int next = pick(rng);
-      context.push_back(next);
-      out.push_back(static_cast<char>(next));
+    return generate_text(model_, prompt, length, temperature, seed);
+  }
+
+  // Writes DIR/<name>.safetensors and DIR/<name>.adamw.safetensors (checkpoint.hpp) and returns
+  // what state.json keeps of the run: everything besides the tensors that the next step reads.
+  nlohmann::json save(const std::string& dir, int step) {
+    save_model(model_, model_file(dir, name_), step);
+    save_adamw(optimizer_, model_.parameters(), adamw_file(dir, name_), step);
+    nlohmann::json state;
+    state["sampler"] = sampler_.state();
+    nlohmann::json streams = nlohmann::json::array();
+    for (auto& block : model_.blocks()) {
+      const StreamPositions s = block.feed_forward().stream_positions();
+      streams.push_back({{"jitter_calls", s.jitter_calls}, {"dropout_calls", s.dropout_calls}});
     }
-    return out;
+    state["streams"] = streams;
+    state["train_seconds"] = train_seconds_;
+    state["train_tokens"] = train_tokens_;
+    state["train_bits_sum"] = train_bits_sum_;
+    state["train_bits_count"] = train_bits_count_;
+    state["last_train_bits"] = last_train_bits_;
+    nlohmann::json curve = nlohmann::json::array();
+    for (const EvalPoint& p : curve_)
+      curve.push_back({p.step, p.tokens, p.seconds, p.train_bits, p.valid_bits});
+    state["curve"] = curve;
+    return state;
+  }
+
+  // Restores what save() wrote at `step`; on any error (a missing or malformed file or entry, a
+  // shape that does not match this run's model) the run is as before.
+  void load(const std::string& dir, int step, const nlohmann::json& state) {
+    // Everything is parsed and checked first; nothing below the model's load throws.
+    std::string sampler;
+    std::vector<StreamPositions> streams;
+    std::vector<EvalPoint> curve;
+    with_state_errors(dir, [&] {
+      sampler = state.at("sampler").get<std::string>();
+      BatchSampler(sampler_).set_state(sampler);  // checks it on a copy
+      const nlohmann::json& saved = state.at("streams");
+      if (!saved.is_array() || saved.size() != model_.blocks().size())
+        throw std::runtime_error(state_file(dir) + ": run '" + name_ + "' has " +
+                                 std::to_string(saved.size()) + " stream entries, expected " +
+                                 std::to_string(model_.blocks().size()) + " (one per block)");
+      for (const auto& s : saved)
+        streams.push_back({s.at("jitter_calls").get<std::uint64_t>(),
+                           s.at("dropout_calls").get<std::uint64_t>()});
+      for (const auto& p : state.at("curve"))
+        curve.push_back({p.at(0).get<int>(), p.at(1).get<double>(), p.at(2).get<double>(),
+                         p.at(3).get<double>(), p.at(4).get<double>()});
+    });
+    const auto number = [&](const char* key) {
+      return with_state_errors(dir, [&] { return state.at(key).get<double>(); });
+    };
+    const double seconds = number("train_seconds"), tokens = number("train_tokens");
+    const double bits_sum = number("train_bits_sum"), last_bits = number("last_train_bits");
+    const int bits_count =
+        with_state_errors(dir, [&] { return state.at("train_bits_count").get<int>(); });
+    AdamWState adamw = read_adamw(model_.parameters(), adamw_file(dir, name_), step);
+    load_model(model_, model_file(dir, name_), step);
+    optimizer_.restore(adamw.steps, std::move(adamw.m), std::move(adamw.v));
+    for (std::size_t i = 0; i < streams.size(); ++i)
+      model_.blocks()[i].feed_forward().set_stream_positions(streams[i]);
+    sampler_.set_state(sampler);
+    curve_ = std::move(curve);
+    train_seconds_ = seconds;
+    train_tokens_ = tokens;
+    train_bits_sum_ = bits_sum;
+    train_bits_count_ = bits_count;
+    last_train_bits_ = last_bits;
   }
 
  private:

@@ -116,6 +116,11 @@ class FeedForwardBank {
   Matrix<float>& grad_b_in(int e) { return grad_b_in_[local(e)]; }
   Matrix<float>& grad_b_out(int e) { return grad_b_out_[local(e)]; }
 
+  /// Training-mode calls that have drawn dropout masks so far: the position of the dropout
+  /// stream (SEMANTICS 12). Layer state for a checkpoint that resumes training exactly.
+  std::uint64_t dropout_calls() const { return dropout_calls_; }
+  void set_dropout_calls(std::uint64_t calls) { dropout_calls_ = calls; }
+
   void zero_grad() {
     for (int e = 0; e < config_.num_ffns; ++e) {
       grad_w_in_[e] = Matrix<float>::Zero(config_.d_model, config_.d_ff);

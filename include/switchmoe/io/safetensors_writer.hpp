@@ -23,6 +23,9 @@
 #include "switchmoe/io/format.hpp"
 
 namespace switchmoe::io {
+namespace detail {
+inline void write_atomically(const std::string& path, const unsigned char* data, std::size_t size);
+}  // namespace detail
 
 class SafetensorsWriter {
  public:
@@ -117,14 +120,7 @@ class SafetensorsWriter {
   /// largest alignment first, then by name; the header is padded with spaces to a multiple of 8
   /// bytes so the data starts aligned.
   std::vector<unsigned char> serialize() const {
-    std::vector<const Tensor*> order;
-    for (const Tensor& tensor : tensors_) order.push_back(&tensor);
-    std::sort(order.begin(), order.end(), [](const Tensor* a, const Tensor* b) {
-      const int rank_a = detail::find_dtype(a->dtype)->order;
-      const int rank_b = detail::find_dtype(b->dtype)->order;
-      if (rank_a != rank_b) return rank_a > rank_b;
-      return a->name < b->name;
-    });
+    const std::vector<const Tensor*> order = layout_order();
     nlohmann::ordered_json header = nlohmann::ordered_json::object();
     nlohmann::ordered_json metadata = nlohmann::ordered_json::object();
     if (metadata_.count("format") == 0) metadata["format"] = "pt";
@@ -152,53 +148,55 @@ class SafetensorsWriter {
     return file;
   }
 
+  /// Tensor names in the file's layout order.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const Tensor* tensor : layout_order()) out.push_back(tensor->name);
+    return out;
+  }
+
+  /// Bytes of tensor data (Hugging Face's "total_size" of a sharded checkpoint).
+  std::uint64_t data_size() const {
+    std::uint64_t size = 0;
+    for (const Tensor& tensor : tensors_) size += tensor.bytes.size();
+    return size;
+  }
+
+  /// The tensors split over `parts` writers (each with this writer's metadata): consecutive runs
+  /// of the layout order, balanced by bytes, none empty. 1 <= parts <= the number of tensors.
+  std::vector<SafetensorsWriter> split(int parts) const {
+    if (parts < 1 || static_cast<std::size_t>(parts) > tensors_.size()) {
+      switchmoe::detail::fail("parts is ", parts, ", expected 1 to the writer's ", tensors_.size(),
+                              " tensors (no shard may be empty)");
+    }
+    std::vector<SafetensorsWriter> out(static_cast<std::size_t>(parts));
+    const std::vector<const Tensor*> order = layout_order();
+    const long double total = static_cast<long double>(data_size());
+    std::size_t part = 0, in_part = 0;
+    long double done = 0;  // bytes of the tensors before this one
+    for (std::size_t i = 0; i < order.size(); ++i) {
+      const std::size_t left = order.size() - i, parts_after = out.size() - 1 - part;
+      // Move on once this part has its share, or when each later part needs one of the rest.
+      if (in_part > 0 && parts_after > 0 &&
+          (left == parts_after || done * parts >= total * static_cast<long double>(part + 1))) {
+        ++part;
+        in_part = 0;
+      }
+      SafetensorsWriter& target = out[part];
+      target.index_.emplace(order[i]->name, target.tensors_.size());
+      target.tensors_.push_back(*order[i]);
+      done += static_cast<long double>(order[i]->bytes.size());
+      ++in_part;
+    }
+    for (SafetensorsWriter& writer : out) writer.metadata_ = metadata_;
+    return out;
+  }
+
   /// Writes the file to `path` atomically; throws IoError (the destination untouched, the
   /// temporary file removed) when any step fails.
   void write(const std::string& path) const {
     const std::vector<unsigned char> file = serialize();
-    const std::string folder = parent(path);
-    std::string temporary;
-    int fd = -1;
-    static std::atomic<unsigned> counter{0};
-    for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
-      temporary =
-          path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
-      // 0666 through the umask, as any new file: rename keeps these permissions.
-      fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd < 0 && errno != EEXIST) break;
-    }
-    if (fd < 0) {
-      throw IoError(path, std::string("cannot create a temporary file in ") + folder + ": " +
-                              std::strerror(errno));
-    }
-    const auto abandon = [&](const std::string& step) {
-      const int error = errno;
-      if (fd >= 0) ::close(fd);
-      ::unlink(temporary.c_str());
-      throw IoError(path, step + " failed: " + std::strerror(error));
-    };
-    std::size_t written = 0;
-    while (written < file.size()) {
-      const ssize_t n = ::write(fd, file.data() + written, file.size() - written);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        if (n == 0) errno = EIO;
-        abandon("writing " + temporary);
-      }
-      written += static_cast<std::size_t>(n);
-    }
-    if (::fsync(fd) != 0) abandon("fsync of " + temporary);
-    const int closing = fd;
-    fd = -1;
-    if (::close(closing) != 0) abandon("closing " + temporary);
-    if (::rename(temporary.c_str(), path.c_str()) != 0) abandon("renaming " + temporary);
-    // The rename itself reaches the disk with the folder's own fsync; a failure here leaves a
-    // complete file in place, so it is not an error.
-    const int dir = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir >= 0) {
-      ::fsync(dir);
-      ::close(dir);
-    }
+    detail::write_atomically(path, file.data(), file.size());
   }
 
  private:
@@ -209,11 +207,17 @@ class SafetensorsWriter {
     std::vector<unsigned char> bytes;  // little-endian, row-major
   };
 
-  static std::string parent(const std::string& path) {
-    const std::size_t slash = path.find_last_of('/');
-    if (slash == std::string::npos) return ".";
-    if (slash == 0) return "/";
-    return path.substr(0, slash);
+  // The reference implementation's layout: by dtype, largest alignment first, then by name.
+  std::vector<const Tensor*> layout_order() const {
+    std::vector<const Tensor*> order;
+    for (const Tensor& tensor : tensors_) order.push_back(&tensor);
+    std::sort(order.begin(), order.end(), [](const Tensor* a, const Tensor* b) {
+      const int rank_a = detail::find_dtype(a->dtype)->order;
+      const int rank_b = detail::find_dtype(b->dtype)->order;
+      if (rank_a != rank_b) return rank_a > rank_b;
+      return a->name < b->name;
+    });
+    return order;
   }
 
   std::vector<Tensor> tensors_;
@@ -221,4 +225,63 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+namespace detail {
+
+inline std::string parent_folder(const std::string& path) {
+  const std::size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+/// Writes `size` bytes to `path` atomically: a temporary file in the same folder, written,
+/// flushed to the disk, renamed over `path`. Throws IoError (the destination untouched, the
+/// temporary file removed) when any step fails.
+inline void write_atomically(const std::string& path, const unsigned char* data, std::size_t size) {
+  const std::string folder = parent_folder(path);
+  std::string temporary;
+  int fd = -1;
+  static std::atomic<unsigned> counter{0};
+  for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+    temporary =
+        path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter.fetch_add(1));
+    // 0666 through the umask, as any new file: rename keeps these permissions.
+    fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd < 0 && errno != EEXIST) break;
+  }
+  if (fd < 0) {
+    throw IoError(path, std::string("cannot create a temporary file in ") + folder + ": " +
+                            std::strerror(errno));
+  }
+  const auto abandon = [&](const std::string& step) {
+    const int error = errno;
+    if (fd >= 0) ::close(fd);
+    ::unlink(temporary.c_str());
+    throw IoError(path, step + " failed: " + std::strerror(error));
+  };
+  std::size_t written = 0;
+  while (written < size) {
+    const ssize_t n = ::write(fd, data + written, size - written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      abandon("writing " + temporary);
+    }
+    written += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd) != 0) abandon("fsync of " + temporary);
+  const int closing = fd;
+  fd = -1;
+  if (::close(closing) != 0) abandon("closing " + temporary);
+  if (::rename(temporary.c_str(), path.c_str()) != 0) abandon("renaming " + temporary);
+  // The rename itself reaches the disk with the folder's own fsync; a failure here leaves a
+  // complete file in place, so it is not an error.
+  const int dir = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir >= 0) {
+    ::fsync(dir);
+    ::close(dir);
+  }
+}
+
+}  // namespace detail
 }  // namespace switchmoe::io

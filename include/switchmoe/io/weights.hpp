@@ -186,13 +186,13 @@ void save_weights(io::SafetensorsWriter& writer, Layer& layer,
   writer.merge(std::move(staged));
 }
 
-/// Loads `layer`'s tensors under `names` and `prefix` from `reader` (F32, BF16 or F16; the
-/// masters are float32). Throws io::FormatError (naming the file and the tensor) for a missing
-/// tensor, a dtype that is not a float one or a non-finite value, std::invalid_argument for a
-/// shape that does not match the layer; either way the layer is unchanged.
-template <class Layer>
-void load_weights(const io::SafetensorsReader& reader, Layer& layer,
-                  WeightNames names = WeightNames::kSwitchmoe, const std::string& prefix = "") {
+namespace detail {
+
+/// load_weights from any reader with SafetensorsReader's interface (one file, or a sharded
+/// checkpoint through its index: io/sharded.hpp).
+template <class Reader, class Layer>
+void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
+                       const std::string& prefix) {
   const std::vector<detail::CheckpointTensor> tensors =
       detail::checkpoint_tensors(layer, names, prefix);
   std::vector<Matrix<float>> staged;  // each in the layer's layout
@@ -225,6 +225,18 @@ void load_weights(const io::SafetensorsReader& reader, Layer& layer,
   }
   // Nothing below throws: same-shape assignments reuse the masters' storage.
   for (std::size_t i = 0; i < tensors.size(); ++i) *tensors[i].value = staged[i];
+}
+
+}  // namespace detail
+
+/// Loads `layer`'s tensors under `names` and `prefix` from `reader` (F32, BF16 or F16; the
+/// masters are float32). Throws io::FormatError (naming the file and the tensor) for a missing
+/// tensor, a dtype that is not a float one or a non-finite value, std::invalid_argument for a
+/// shape that does not match the layer; either way the layer is unchanged.
+template <class Layer>
+void load_weights(const io::SafetensorsReader& reader, Layer& layer,
+                  WeightNames names = WeightNames::kSwitchmoe, const std::string& prefix = "") {
+  detail::load_weights_from(reader, layer, names, prefix);
 }
 
 }  // namespace switchmoe

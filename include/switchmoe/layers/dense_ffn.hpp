@@ -40,6 +40,11 @@ class DenseFFN {
   Matrix<float>& grad_b_in() { return ffn_.grad_b_in(0); }
   Matrix<float>& grad_b_out() { return ffn_.grad_b_out(0); }
 
+  /// The dropout stream's position (FeedForwardBank::dropout_calls): kept by checkpoints that
+  /// resume training exactly.
+  std::uint64_t dropout_calls() const { return ffn_.dropout_calls(); }
+  void set_dropout_calls(std::uint64_t calls) { ffn_.set_dropout_calls(calls); }
+
   /// "w_in", ["b_in"], "w_out", ["b_out"].
   std::vector<ParameterRef> parameters() {
     std::vector<ParameterRef> out;

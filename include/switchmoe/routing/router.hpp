@@ -63,6 +63,11 @@ class Router {
   Matrix<float>& grad_weight() { return grad_weight_; }
   Matrix<float>& grad_bias() { return grad_bias_; }
 
+  /// Training-mode calls that have drawn jitter so far: the position of the jitter stream (each
+  /// call draws afresh, SEMANTICS 3). Layer state for a checkpoint that resumes training exactly.
+  std::uint64_t jitter_calls() const { return calls_; }
+  void set_jitter_calls(std::uint64_t calls) { calls_ = calls; }
+
   /// logits [tokens, experts] for x [tokens, d_model], into `logits` reusing its storage (no
   /// allocation when the token count is unchanged). In Mode::kTrain the input is jittered (a
   /// fresh draw per call, from the seed) and cached for backward. `logits` must not alias x.
