@@ -3,6 +3,15 @@
 // applied to its own contiguous block of rows. A Switch layer's experts are a bank of E; the
 // dense FFN is a bank of one. Expert dropout (SEMANTICS 12) acts on the hidden activation.
 //
+// Gated activations (SEMANTICS 15, is_gated_v<Activation>): each FFN also holds W_gate
+// [d_model, d_ff] and computes h = act(x W_gate + b_gate) * (x W_in + b_in). The gate and up
+// products are ONE GEMM over a packed [d_model, 2 d_ff] operand whose columns interleave them
+// pairwise (column 2j: gate column j, column 2j + 1: up column j). The GEMM epilogue gets blocks
+// that start at a multiple of kNr columns (even) and end at a multiple of kNr or at 2 d_ff, so
+// every block holds both members of each pair it touches, whatever the thread count or tile
+// shape: the epilogue forms h for its columns while they are in cache. (Interleaving whole
+// kNr-wide panels would not give that guarantee: a tile may hold an odd number of panels.)
+//
 // Precision contract (SEMANTICS 13): master weights and gradients are float32; the policy's
 // Element type stores the packed compute copies of the weights and the activations that enter a
 // matrix product (x, hidden, dy, dhidden); every product accumulates in float32.
@@ -57,6 +66,8 @@ class FeedForwardBank {
   using ActivationType = Activation;
   using IsaType = Isa;
 
+  static constexpr bool kGated = is_gated_v<Activation>;
+
   explicit FeedForwardBank(const FeedForwardConfig& config) : config_(config) {
     if (config.num_ffns < 1) detail::fail("num_experts is ", config.num_ffns, ", expected >= 1");
     if (config.first_ffn < 0) {
@@ -70,6 +81,9 @@ class FeedForwardBank {
     const int n = config.num_ffns;
     w_in_.resize(n), w_out_.resize(n), b_in_.resize(n), b_out_.resize(n);
     grad_w_in_.resize(n), grad_w_out_.resize(n), grad_b_in_.resize(n), grad_b_out_.resize(n);
+    if constexpr (kGated) {
+      w_gate_.resize(n), b_gate_.resize(n), grad_w_gate_.resize(n), grad_b_gate_.resize(n);
+    }
     w_in_packed_.resize(n), w_out_packed_.resize(n);
     w_in_transposed_.resize(n), w_out_transposed_.resize(n);
     packed_problems_.reserve(n), plain_problems_.reserve(n), block_expert_.reserve(n);
@@ -85,6 +99,13 @@ class FeedForwardBank {
       truncated_normal_init(w_out_[e], config.init_scale, config.d_ff, config.seed, 2 * global + 2);
       b_in_[e] = Matrix<float>::Zero(config.bias ? 1 : 0, config.d_ff);
       b_out_[e] = Matrix<float>::Zero(config.bias ? 1 : 0, config.d_model);
+      if constexpr (kGated) {
+        w_gate_[e].resize(config.d_model, config.d_ff);
+        // A substream range of its own, so W_in and W_out are those of an ungated bank.
+        truncated_normal_init(w_gate_[e], config.init_scale, config.d_model, config.seed,
+                              kGateSubstream + global);
+        b_gate_[e] = Matrix<float>::Zero(config.bias ? 1 : 0, config.d_ff);
+      }
     }
     zero_grad();
   }
@@ -115,6 +136,13 @@ class FeedForwardBank {
   Matrix<float>& grad_w_out(int e) { return grad_w_out_[local(e)]; }
   Matrix<float>& grad_b_in(int e) { return grad_b_in_[local(e)]; }
   Matrix<float>& grad_b_out(int e) { return grad_b_out_[local(e)]; }
+  // Gated activations only (SEMANTICS 15); otherwise they throw std::invalid_argument.
+  Matrix<float>& w_gate(int e) {
+    return expose(local(e), gated("w_gate", w_gate_));
+  }                                                                            // [d_model, d_ff]
+  Matrix<float>& b_gate(int e) { return gated("b_gate", b_gate_)[local(e)]; }  // [1, d_ff] or empty
+  Matrix<float>& grad_w_gate(int e) { return gated("grad_w_gate", grad_w_gate_)[local(e)]; }
+  Matrix<float>& grad_b_gate(int e) { return gated("grad_b_gate", grad_b_gate_)[local(e)]; }
 
   void zero_grad() {
     for (int e = 0; e < config_.num_ffns; ++e) {
@@ -122,11 +150,16 @@ class FeedForwardBank {
       grad_w_out_[e] = Matrix<float>::Zero(config_.d_ff, config_.d_model);
       grad_b_in_[e] = Matrix<float>::Zero(b_in_[e].rows(), config_.d_ff);
       grad_b_out_[e] = Matrix<float>::Zero(b_out_[e].rows(), config_.d_model);
+      if constexpr (kGated) {
+        grad_w_gate_[e] = Matrix<float>::Zero(config_.d_model, config_.d_ff);
+        grad_b_gate_[e] = Matrix<float>::Zero(b_gate_[e].rows(), config_.d_ff);
+      }
     }
   }
 
   /// Parameters named prefix + "<e>.w_in" etc. by global expert index, owned by kExpert; with
-  /// `single` (a dense FFN) just prefix + "w_in", owned by `single_owner`.
+  /// `single` (a dense FFN) just prefix + "w_in", owned by `single_owner`. Gated: "w_gate"
+  /// ["b_gate"] come first (Mixtral's w1), then w_in (w3), then w_out (w2).
   void append_parameters(const std::string& prefix, bool single, std::vector<ParameterRef>& out,
                          ParameterOwner single_owner = ParameterOwner::kDense) {
     for (int e = 0; e < config_.num_ffns; ++e) {
@@ -135,6 +168,14 @@ class FeedForwardBank {
       const ParameterOwner owner = single ? single_owner : ParameterOwner::kExpert;
       const int id = single ? -1 : global;
       exposed_[e] = 1;  // the caller may write through the pointers at any time
+      if constexpr (kGated) {
+        out.push_back(
+            {p + "w_gate", &w_gate_[e], &grad_w_gate_[e], ParameterRole::kWeight, owner, id});
+        if (config_.bias) {
+          out.push_back(
+              {p + "b_gate", &b_gate_[e], &grad_b_gate_[e], ParameterRole::kBias, owner, id});
+        }
+      }
       out.push_back({p + "w_in", &w_in_[e], &grad_w_in_[e], ParameterRole::kWeight, owner, id});
       if (config_.bias) {
         out.push_back({p + "b_in", &b_in_[e], &grad_b_in_[e], ParameterRole::kBias, owner, id});
@@ -156,6 +197,10 @@ class FeedForwardBank {
       check_parameter("w_out", config_.first_ffn + e, w_out_[e], d_ff, d_model);
       check_parameter("b_in", config_.first_ffn + e, b_in_[e], bias, d_ff);
       check_parameter("b_out", config_.first_ffn + e, b_out_[e], bias, d_model);
+      if constexpr (kGated) {
+        check_parameter("w_gate", config_.first_ffn + e, w_gate_[e], d_model, d_ff);
+        check_parameter("b_gate", config_.first_ffn + e, b_gate_[e], bias, d_ff);
+      }
     }
   }
   void check_gradient_shapes() const {
@@ -165,6 +210,10 @@ class FeedForwardBank {
       check_parameter("grad_w_out", config_.first_ffn + e, grad_w_out_[e], d_ff, d_model);
       check_parameter("grad_b_in", config_.first_ffn + e, grad_b_in_[e], bias, d_ff);
       check_parameter("grad_b_out", config_.first_ffn + e, grad_b_out_[e], bias, d_model);
+      if constexpr (kGated) {
+        check_parameter("grad_w_gate", config_.first_ffn + e, grad_w_gate_[e], d_model, d_ff);
+        check_parameter("grad_b_gate", config_.first_ffn + e, grad_b_gate_[e], bias, d_ff);
+      }
     }
   }
 
@@ -172,12 +221,13 @@ class FeedForwardBank {
   /// many rows allocate nothing.
   void reserve_rows(Eigen::Index rows) {
     const Eigen::Index hidden = rows * config_.d_ff;
-    hidden_pre_.reserve(hidden);
+    hidden_pre_.reserve(hidden * kProducts);
     hidden_.reserve(hidden);
     dhidden_.reserve(hidden);
+    if constexpr (kGated) dpre_.reserve(hidden * kProducts);
     if (config_.dropout > 0.0f) dropout_scale_.reserve(hidden);
     if constexpr (!kElementIsFloat) {
-      dhidden_element_.reserve(hidden);
+      dhidden_element_.reserve(hidden * kProducts);
       dy_element_.reserve(rows * config_.d_model);
     }
   }
@@ -204,16 +254,21 @@ class FeedForwardBank {
     const bool drop = mode == Mode::kTrain && config_.dropout > 0.0f;
     const detail::CounterRng rng(config_.seed, detail::Stream::kDropout, dropout_calls_);
     if (drop) ++dropout_calls_;
-    hidden_pre_.resize(rows, d_ff);                // x * W_in + b_in, float32
+    hidden_pre_.resize(rows, kProducts * d_ff);    // x * W_in + b_in (gated: pairs), float32
     hidden_.resize(rows, d_ff);                    // act(...) after dropout, Element
     dropout_scale_.resize(drop ? rows : 0, d_ff);  // 0 or 1 / (1 - p)
-    // h = dropout(act(x W_in + b_in)), computed block by block as the product finishes.
-    multiply_blocks(offsets, xg.data(), static_cast<int>(xg.outerStride()), w_in_packed_,
-                    hidden_pre_.data(), d_ff, [&](int e, Eigen::Index r, int j0, int cols) {
-                      const std::uint64_t key =
-                          row_keys.empty() ? static_cast<std::uint64_t>(r) : row_keys[r];
-                      finish_hidden(e, r, j0, cols, drop ? &rng : nullptr, key);
-                    });
+    // h = dropout(act(x W_in + b_in)) (gated: dropout(act(x W_gate + b_gate) * (x W_in +
+    // b_in))), computed block by block as the (fused) product finishes.
+    multiply_blocks(
+        offsets, xg.data(), static_cast<int>(xg.outerStride()), w_in_packed_, hidden_pre_.data(),
+        kProducts * d_ff, [&](int e, Eigen::Index r, int j0, int cols) {
+          const std::uint64_t key = row_keys.empty() ? static_cast<std::uint64_t>(r) : row_keys[r];
+          if constexpr (kGated) {
+            finish_gated_hidden(e, r, j0, cols, drop ? &rng : nullptr, key);
+          } else {
+            finish_hidden(e, r, j0, cols, drop ? &rng : nullptr, key);
+          }
+        });
     const int ldy = static_cast<int>(yg.outerStride());
     if (config_.bias) {
       multiply_blocks(offsets, hidden_.data(), d_ff, w_out_packed_, yg.data(), ldy,
@@ -270,6 +325,10 @@ class FeedForwardBank {
         grad_b_out_[e] += dyg.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
       }
     }
+    if constexpr (kGated) {
+      backward_gated(xg, offsets, dy, ldd, dxg);
+      return;
+    }
     // dh = dy * W_out^T, then through dropout and the activation (in place), block by block.
     dhidden_.resize(rows, d_ff);
     if constexpr (!kElementIsFloat) dhidden_element_.resize(rows, d_ff);
@@ -306,6 +365,69 @@ class FeedForwardBank {
  private:
   static constexpr bool kElementIsFloat = std::is_same_v<Element, float>;
   using PackedWeight = kernels::PackedB<Element, Isa>;
+  // Products of x per hidden column: 2 (gate and up) for a gated activation.
+  static constexpr int kProducts = kGated ? 2 : 1;
+  // Init substreams of W_gate: above every 2 * e + 2 of W_in and W_out.
+  static constexpr std::uint64_t kGateSubstream = std::uint64_t{1} << 40;
+
+  template <class V>
+  V& gated(const char* name, V& v) {
+    if constexpr (!kGated) {
+      detail::fail(name, ": the activation \"", Activation::name(),
+                   "\" is not gated (SEMANTICS 15), so the experts have no gate matrix; use "
+                   "SwiGlu or GeGlu");
+    }
+    return v;
+  }
+
+  /// Backward of a gated bank from dy (Element, [rows, ldd]): dh = dy W_out^T; per hidden
+  /// column d(gate pre) = dh * up * act'(g) and d(up) = dh * act(g), into dpre_ [rows, 2 d_ff]
+  /// laid out [d gate | d up]; then dW_gate, dW_in (one batch) and dx = dpre [W_gate | W_in]^T
+  /// (one product over k = 2 d_ff).
+  void backward_gated(const Eigen::Ref<const Matrix<Element>>& xg, const std::vector<int>& offsets,
+                      const Element* dy, int ldd, Eigen::Ref<Matrix<float>> dxg) {
+    const Eigen::Index rows = xg.rows();
+    const int d_ff = config_.d_ff;
+    const int ldx = static_cast<int>(xg.outerStride());
+    dhidden_.resize(rows, d_ff);
+    dpre_.resize(rows, 2 * d_ff);
+    if constexpr (!kElementIsFloat) dhidden_element_.resize(rows, 2 * d_ff);
+    multiply_blocks(
+        offsets, dy, ldd, w_out_transposed_, dhidden_.data(), d_ff,
+        [&](int, Eigen::Index r, int j0, int cols) { finish_gated_dhidden(r, j0, cols); });
+    accumulate_weight_grads(offsets, hidden_.data(), d_ff, dy, ldd, grad_w_out_);
+    if (config_.bias) {
+      const auto dpre = dpre_.view();  // [rows, 2 d_ff]
+      for (int e = 0; e < config_.num_ffns; ++e) {
+        const auto block = dpre.middleRows(offsets[e], offsets[e + 1] - offsets[e]);
+        grad_b_gate_[e] += block.leftCols(d_ff).colwise().sum();
+        grad_b_in_[e] += block.rightCols(d_ff).colwise().sum();
+      }
+    }
+    const Element* dpre = nullptr;  // [rows, 2 d_ff] as Element
+    if constexpr (kElementIsFloat) {
+      dpre = dpre_.data();
+    } else {
+      dpre = dhidden_element_.data();
+    }
+    // dW_gate += x^T dpre[:, :d_ff] and dW_in += x^T dpre[:, d_ff:], one batch.
+    plain_problems_.clear();
+    for (int e = 0; e < config_.num_ffns; ++e) {
+      const int m = offsets[e + 1] - offsets[e];
+      if (m == 0) continue;
+      const Eigen::Index first = offsets[e];
+      for (int half = 0; half < 2; ++half) {
+        Matrix<float>& grad = half == 0 ? grad_w_gate_[e] : grad_w_in_[e];
+        plain_problems_.push_back(kernels::GemmProblem<Element>{
+            config_.d_model, d_ff, m, xg.data() + first * ldx, ldx, kernels::Transpose::kYes,
+            dpre + first * 2 * d_ff + half * d_ff, 2 * d_ff, kernels::Transpose::kNo, grad.data(),
+            d_ff, 1.0f});
+      }
+    }
+    if (!plain_problems_.empty()) kernels::gemm_batch<Element, Isa>(plain_problems_);
+    multiply_blocks(offsets, dpre, 2 * d_ff, w_in_transposed_, dxg.data(),
+                    static_cast<int>(dxg.outerStride()), NoFinish());
+  }
 
   /// The local index of global expert e; throws unless the bank holds it.
   int local(int e) const {
@@ -350,7 +472,20 @@ class FeedForwardBank {
     const int d_model = config_.d_model, d_ff = config_.d_ff;
     for (int e = 0; e < config_.num_ffns; ++e) {
       if (!stale_[e] && !exposed_[e]) continue;
-      w_in_packed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kNo, d_model, d_ff);
+      if constexpr (kGated) {
+        // [d_model, 2 d_ff], columns interleaved: 2j gate j, 2j + 1 up j (see the top).
+        pack_source_.resize(d_model, 2 * d_ff);
+        for (int i = 0; i < d_model; ++i) {
+          for (int j = 0; j < d_ff; ++j) {
+            pack_source_(i, 2 * j) = w_gate_[e](i, j);
+            pack_source_(i, 2 * j + 1) = w_in_[e](i, j);
+          }
+        }
+        w_in_packed_[e].pack(pack_source_.data(), 2 * d_ff, kernels::Transpose::kNo, d_model,
+                             2 * d_ff);
+      } else {
+        w_in_packed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kNo, d_model, d_ff);
+      }
       w_out_packed_[e].pack(w_out_[e].data(), d_model, kernels::Transpose::kNo, d_ff, d_model);
       stale_[e] = 0;
       transposed_stale_[e] = 1;
@@ -363,7 +498,16 @@ class FeedForwardBank {
       if (!transposed_stale_[e]) continue;
       // W_out^T [d_model, d_ff] and W_in^T [d_ff, d_model].
       w_out_transposed_[e].pack(w_out_[e].data(), d_model, kernels::Transpose::kYes, d_model, d_ff);
-      w_in_transposed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kYes, d_ff, d_model);
+      if constexpr (kGated) {
+        // [W_gate | W_in]^T [2 d_ff, d_model], the order of dpre's columns.
+        pack_source_.resize(d_model, 2 * d_ff);
+        pack_source_.leftCols(d_ff) = w_gate_[e];
+        pack_source_.rightCols(d_ff) = w_in_[e];
+        w_in_transposed_[e].pack(pack_source_.data(), 2 * d_ff, kernels::Transpose::kYes, 2 * d_ff,
+                                 d_model);
+      } else {
+        w_in_transposed_[e].pack(w_in_[e].data(), d_ff, kernels::Transpose::kYes, d_ff, d_model);
+      }
       transposed_stale_[e] = 0;
     }
   }
@@ -398,6 +542,67 @@ class FeedForwardBank {
         }
       }
       kernels::convert_row(h, out + c0, n);
+    }
+  }
+
+  /// Gated finish of fused columns [j0, j0 + cols) of row r (even j0 and cols: whole pairs):
+  /// adds b_gate and b_in to the pairs in hidden_pre_, writes h = dropout(act(g) * u) for hidden
+  /// columns [j0 / 2, (j0 + cols) / 2) to hidden_.
+  void finish_gated_hidden(int e, Eigen::Index r, int j0, int cols,
+                           const detail::CounterRng* dropout, std::uint64_t key) {
+    const int d_ff = config_.d_ff;
+    const int h0 = j0 / 2, count = cols / 2;
+    float* pre = hidden_pre_.data() + r * 2 * d_ff + 2 * h0;  // pairs (g, u)
+    Element* out = hidden_.data() + r * d_ff + h0;
+    if (config_.bias) {
+      const float* bg = b_gate_[e].data() + h0;
+      const float* bu = b_in_[e].data() + h0;
+      for (int j = 0; j < count; ++j) {
+        pre[2 * j] += bg[j];
+        pre[2 * j + 1] += bu[j];
+      }
+    }
+    const float keep_scale = 1.0f / (1.0f - config_.dropout);
+    constexpr int kChunk = 64;
+    alignas(64) float h[kChunk];
+    for (int c0 = 0; c0 < count; c0 += kChunk) {
+      const int n = std::min(kChunk, count - c0);
+      for (int j = 0; j < n; ++j) {
+        h[j] = Activation::value(pre[2 * (c0 + j)]) * pre[2 * (c0 + j) + 1];
+      }
+      if (dropout != nullptr) {
+        float* scale = dropout_scale_.data() + r * d_ff + h0 + c0;
+        for (int j = 0; j < n; ++j) {
+          const std::uint64_t unit = key * d_ff + static_cast<std::uint64_t>(h0 + c0 + j);
+          scale[j] = dropout->uniform(unit) < config_.dropout ? 0.0f : keep_scale;
+          h[j] *= scale[j];
+        }
+      }
+      kernels::convert_row(h, out + c0, n);
+    }
+  }
+
+  /// Gated: dL/dh of row r, hidden columns [j0, j0 + cols) -> d(gate pre) = dh * u * act'(g)
+  /// and d(up) = dh * act(g) into dpre_ [rows, 2 d_ff] = [d gate | d up] (and the Element copy).
+  void finish_gated_dhidden(Eigen::Index r, int j0, int cols) {
+    const int d_ff = config_.d_ff;
+    float* g = dhidden_.data() + r * d_ff + j0;
+    if (dropout_scale_.size() > 0) {
+      const float* scale = dropout_scale_.data() + r * d_ff + j0;
+      for (int j = 0; j < cols; ++j) g[j] *= scale[j];
+    }
+    const float* pre = hidden_pre_.data() + r * 2 * d_ff + 2 * j0;
+    float* dgate = dpre_.data() + r * 2 * d_ff + j0;
+    float* dup = dgate + d_ff;
+    for (int j = 0; j < cols; ++j) {
+      const float gate = pre[2 * j], up = pre[2 * j + 1];
+      dgate[j] = g[j] * up * Activation::derivative(gate);
+      dup[j] = g[j] * Activation::value(gate);
+    }
+    if constexpr (!kElementIsFloat) {
+      Element* d = dhidden_element_.data() + r * 2 * d_ff + j0;
+      kernels::convert_row(dgate, d, cols);
+      kernels::convert_row(dup, d + d_ff, cols);
     }
   }
 
@@ -466,6 +671,8 @@ class FeedForwardBank {
   FeedForwardConfig config_;
   std::vector<Matrix<float>> w_in_, w_out_, b_in_, b_out_;  // float32 masters
   std::vector<Matrix<float>> grad_w_in_, grad_w_out_, grad_b_in_, grad_b_out_;
+  std::vector<Matrix<float>> w_gate_, b_gate_, grad_w_gate_, grad_b_gate_;  // gated only
+  Matrix<float> pack_source_;  // [d_model, 2 d_ff] gated: the fused operand before packing
   // Weights packed for the kernels (converted to Element): forward operands W_in, W_out and,
   // built at the first backward after a change, W_out^T and W_in^T.
   std::vector<PackedWeight> w_in_packed_, w_out_packed_, w_out_transposed_, w_in_transposed_;
@@ -477,6 +684,7 @@ class FeedForwardBank {
   detail::RowBuffer<Element> hidden_;       // [rows, d_ff] activation after dropout
   detail::RowBuffer<float> dropout_scale_;  // [rows, d_ff] or empty
   detail::RowBuffer<float> dhidden_;        // [rows, d_ff] backward: dL/dh, then dL/dpre
+  detail::RowBuffer<float> dpre_;           // [rows, 2 d_ff] gated backward: [d gate | d up]
   detail::RowBuffer<Element> dhidden_element_, dy_element_;  // bf16 copies for the products
   std::vector<kernels::PackedGemmProblem<Element, Isa>> packed_problems_;
   std::vector<kernels::GemmProblem<Element>> plain_problems_;

@@ -110,6 +110,11 @@ class SwitchLayer {
   Matrix<float>& grad_w_out(int e) { return experts_.grad_w_out(e); }
   Matrix<float>& grad_b_in(int e) { return experts_.grad_b_in(e); }
   Matrix<float>& grad_b_out(int e) { return experts_.grad_b_out(e); }
+  // Gated activations (SwiGlu, GeGlu; SEMANTICS 15) only; otherwise they throw.
+  Matrix<float>& w_gate(int e) { return experts_.w_gate(e); }  // [d_model, d_ff]
+  Matrix<float>& b_gate(int e) { return experts_.b_gate(e); }  // [1, d_ff] or empty
+  Matrix<float>& grad_w_gate(int e) { return experts_.grad_w_gate(e); }
+  Matrix<float>& grad_b_gate(int e) { return experts_.grad_b_gate(e); }
   RouterType& router() { return router_; }
   Experts& experts() { return experts_; }
   Scheme& scheme() { return scheme_; }
