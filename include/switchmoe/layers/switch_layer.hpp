@@ -90,7 +90,8 @@ class SwitchLayer {
                                    config.d_model, config.d_ff, config.expert_bias,
                                    config.expert_dropout, config.init_scale, config.seed,
                                    exchange_.first_expert(config.routing.num_experts)}),
-        scheme_(config.routing, LossCoefficients{config.aux_loss_coef, config.z_loss_coef}) {
+        scheme_(config.routing, LossCoefficients{config.aux_loss_coef, config.z_loss_coef},
+                config.seed) {
     router_.append_parameters("router.", router_parameters_);
   }
 
@@ -115,6 +116,8 @@ class SwitchLayer {
   Matrix<float>& b_gate(int e) { return experts_.b_gate(e); }  // [1, d_ff] or empty
   Matrix<float>& grad_w_gate(int e) { return experts_.grad_w_gate(e); }
   Matrix<float>& grad_b_gate(int e) { return experts_.grad_b_gate(e); }
+  // SEMANTICS 19's selection bias [1, experts] (a buffer: see buffers()).
+  Matrix<float>& balancing_bias() { return scheme_.balancing_bias(); }
   RouterType& router() { return router_; }
   Experts& experts() { return experts_; }
   Scheme& scheme() { return scheme_; }
