@@ -232,3 +232,82 @@ inline double relative_error(const MatD& a, const MatD& b) {
 
 }  // namespace vref
 }  // namespace switchmoe_test
+
+namespace switchmoe_test {
+namespace vref {
+
+/// A plain (ungated) FFN act(x W_in + b_in) W_out + b_out, rule 1's expert; w_gate unused.
+inline MatD plain_ffn(const MatD& x, const GatedFfn& f, Act a) {
+  MatD pre = x * f.w_in;
+  if (f.b_in.size()) pre.rowwise() += f.b_in.row(0);
+  for (Eigen::Index i = 0; i < pre.size(); ++i) pre.data()[i] = act(pre.data()[i], a);
+  MatD y = pre * f.w_out;
+  if (f.b_out.size()) y.rowwise() += f.b_out.row(0);
+  return y;
+}
+
+/// Everything a variant layer computes, in double (rules 1, 15-20).
+struct Layer {
+  MatD w_router;                  // [d_model, experts]
+  std::vector<GatedFfn> experts;  // routed
+  bool gated = true;
+  Act act = Act::kSilu;
+  bool has_shared = false;
+  GatedFfn shared;
+  MatD w_shared_gate;  // [d_model, 1] or empty: s = 1
+  bool expert_choice = false;
+  int capacity = 0;  // per expert and group (token choice: < 0 dropless)
+  TokenChoiceOptions routing;
+  double aux_coef = 0.0, z_coef = 0.0;
+};
+
+struct LayerResult {
+  MatD y;
+  MatI decisions;  // token choice: [expert | slot]; expert choice: taken
+  double aux = 0.0, z = 0.0;
+};
+
+inline LayerResult layer_forward(const MatD& x, const Layer& l) {
+  const int T = static_cast<int>(x.rows()), E = static_cast<int>(l.experts.size());
+  const MatD logits = x * l.w_router;
+  std::vector<MatD> out;
+  for (const GatedFfn& f : l.experts) {
+    out.push_back(l.gated ? gated_ffn(x, f, l.act) : plain_ffn(x, f, l.act));
+  }
+  LayerResult r;
+  r.y = MatD::Zero(T, x.cols());
+  if (l.expert_choice) {
+    const ExpertChoiceResult ec =
+        route_expert_choice(logits, l.capacity, l.routing.group_size, l.routing.scaling);
+    for (int t = 0; t < T; ++t)
+      for (int e = 0; e < E; ++e) r.y.row(t) += ec.gate(t, e) * out[e].row(t);
+    r.decisions = ec.taken;
+  } else {
+    TokenChoiceOptions o = l.routing;
+    o.capacity = l.capacity;
+    const RoutingResult rr = route_token_choice(logits, o);
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < o.k; ++c) r.y.row(t) += rr.gate(t, c) * out[rr.expert(t, c)].row(t);
+    r.decisions.resize(T, 2 * o.k);
+    r.decisions << rr.expert, rr.slot;
+    r.aux = rr.aux;
+  }
+  if (l.has_shared) {
+    const MatD ys = l.gated ? gated_ffn(x, l.shared, l.act) : plain_ffn(x, l.shared, l.act);
+    for (int t = 0; t < T; ++t) {
+      const double s = l.w_shared_gate.size() ? sigmoid((x.row(t) * l.w_shared_gate)(0, 0)) : 1.0;
+      r.y.row(t) += s * ys.row(t);
+    }
+  }
+  r.z = z_loss(logits);
+  return r;
+}
+
+/// sum(dy .* y) + aux_coef * aux + z_coef * z: the loss whose gradient a layer's backward gives.
+inline double layer_loss(const MatD& x, const Layer& l, const MatD& dy) {
+  const LayerResult r = layer_forward(x, l);
+  return (r.y.array() * dy.array()).sum() + l.aux_coef * r.aux + l.z_coef * r.z;
+}
+
+}  // namespace vref
+}  // namespace switchmoe_test
