@@ -5,6 +5,7 @@
 // adjoints; the shared FFN itself is part of the expert bank (expert_ffn.hpp).
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 

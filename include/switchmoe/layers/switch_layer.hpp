@@ -364,7 +364,10 @@ class SwitchLayer {
     const Eigen::Index rows = plan_.num_rows();
     // Reserve for the most rows any routing of this many tokens can keep, so that the buffers
     // stop growing after the first call.
-    const Eigen::Index max_rows = x.rows() * plan_.top_k;
+    // Expert choice (SEMANTICS 17) keeps exactly E * C rows per group for a given token count,
+    // not one per position.
+    const bool fixed_rows = config_.routing.method == RoutingMethod::kExpertChoice;
+    const Eigen::Index max_rows = fixed_rows ? rows : x.rows() * plan_.top_k;
     const bool shared = experts_.has_shared();
     experts_.reserve_rows(max_rows, shared ? x.rows() : 0);
     xg_.reserve(max_rows * d_model);
