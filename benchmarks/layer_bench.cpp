@@ -10,6 +10,12 @@
 // forward+backward; router and dispatch excluded), tokens_per_s, kept (fraction of kept choices),
 // params_M (expert or FFN weights, millions).
 //
+//   layer/variant/<precision>/<variant>/<pass>/experts:8/tokens:2048/d_model:768/threads:T
+// (issue #10) the variants next to the plain ReLU layer at d_ff 3072: "relu"; "swiglu" (gated
+// experts at d_ff 2048, so the FLOPs per choice match: 6 d_model d_ff); "shared" (ReLU plus a
+// shared expert of width 3072; its FLOPs count for every token); "expert_choice" (ReLU, capacity
+// factor 1.25, so as many kept rows as token choice at full capacity would have).
+//
 // The default sweep is reduced (d_model x d_ff = 512 x 2048, experts up to 32, dense
 // same-params up to 8 experts). --full_sweep runs the whole issue #4 grid: experts
 // {1,2,8,32,128}, tokens {512,2048}, (512,2048) and (768,3072); 128 x 768 x 3072 experts are
@@ -130,6 +136,60 @@ void run_switch(benchmark::State& state, LayerShape s) {
   state.counters["threads"] = s.threads;
 }
 
+enum class Variant { kRelu, kSwiGlu, kShared, kExpertChoice };
+
+const char* variant_name(Variant v) {
+  switch (v) {
+    case Variant::kRelu:
+      return "relu";
+    case Variant::kSwiGlu:
+      return "swiglu";
+    case Variant::kShared:
+      return "shared";
+    default:
+      return "expert_choice";
+  }
+}
+
+template <class Policy, class Activation>
+void run_variant_layer(benchmark::State& state, LayerShape s, Variant v) {
+  ThreadScope threads(s.threads);
+  switchmoe::SwitchConfig config;
+  config.d_model = s.d_model;
+  config.d_ff = v == Variant::kSwiGlu ? s.d_ff * 2 / 3 : s.d_ff;
+  config.routing.num_experts = s.experts;
+  if (v == Variant::kShared) config.shared_d_ff = s.d_ff;
+  if (v == Variant::kExpertChoice) config.routing.method = switchmoe::RoutingMethod::kExpertChoice;
+  config.seed = 1;
+  const std::string key = std::string(typeid(Policy).name()) + "/variant/" + variant_name(v);
+  auto& layer = cached_layer<switchmoe::SwitchLayer<Policy, Activation>>(key, config);
+  const Matrix<float> x = random_matrix(s.tokens, s.d_model, 2);
+  const Matrix<float> dy = random_matrix(s.tokens, s.d_model, 3);
+  switchmoe::SwitchOutput out;
+  Matrix<float> dx;
+  layer.forward(x, Mode::kTrain, out);  // untimed warm-up, as in run_switch
+  layer.backward(dy, dx);
+  double kept = 0.0;
+  for (auto _ : state) {
+    layer.forward(x, Mode::kTrain, out);
+    if (s.pass == Pass::kForwardBackward) layer.backward(dy, dx);
+    benchmark::DoNotOptimize(out.y.data());
+    benchmark::DoNotOptimize(dx.data());
+    kept = (out.routing.slot.array() >= 0).count();
+  }
+  const double per_row = (switchmoe::is_gated_v<Activation> ? 6.0 : 4.0) * s.d_model * config.d_ff;
+  const double shared = 4.0 * s.d_model * config.shared_d_ff * s.tokens;
+  const double flops = (kept * per_row + shared) * (s.pass == Pass::kForward ? 1.0 : 3.0);
+  const auto iterations = static_cast<double>(state.iterations());
+  state.counters["GFLOPS"] =
+      benchmark::Counter(flops * 1e-9 * iterations, benchmark::Counter::kIsRate);
+  state.counters["GFLOP"] = flops * 1e-9;
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(s.tokens * iterations, benchmark::Counter::kIsRate);
+  state.counters["kept"] = kept / s.tokens;
+  state.counters["threads"] = s.threads;
+}
+
 // DenseFFN with hidden width d_ff_dense (= d_ff for same FLOPs, experts * d_ff for same params).
 template <class Policy>
 void run_dense(benchmark::State& state, LayerShape s, int d_ff_dense) {
@@ -208,6 +268,24 @@ void register_precision(const char* precision, bool full) {
         ("layer/dense_same_flops/" + std::string(precision) + "/" + shape_name(s, false)).c_str(),
         [s](benchmark::State& st) { run_dense<Policy>(st, s, s.d_ff); }));
   });
+  // Issue #10: the variants at 2048 tokens, (768, 3072), 8 experts.
+  for (Variant v : {Variant::kRelu, Variant::kSwiGlu, Variant::kShared, Variant::kExpertChoice}) {
+    for (int threads : {1, 2}) {
+      for (Pass pass : {Pass::kForward, Pass::kForwardBackward}) {
+        const LayerShape s{8, 2048, 768, 3072, threads, pass};
+        const std::string name = "layer/variant/" + std::string(precision) + "/" + variant_name(v) +
+                                 "/" + (pass == Pass::kForward ? "fwd" : "fwdbwd") + "/experts:8" +
+                                 "/tokens:2048/d_model:768/threads:" + std::to_string(threads);
+        finish(benchmark::RegisterBenchmark(name.c_str(), [s, v](benchmark::State& st) {
+          if (v == Variant::kSwiGlu) {
+            run_variant_layer<Policy, switchmoe::SwiGlu>(st, s, v);
+          } else {
+            run_variant_layer<Policy, switchmoe::Relu>(st, s, v);
+          }
+        }));
+      }
+    }
+  }
   for (int experts : experts_list) {
     if (experts == 1 || experts > max_dense_experts) continue;  // 1: same as same_flops
     each([&](LayerShape s) {

@@ -20,6 +20,7 @@ enum class Stream : std::uint64_t {
   kInit = 1,
   kJitter = 2,
   kDropout = 3,
+  kSecondChoice = 4,  // SEMANTICS 18
 };
 
 struct CounterRng {

@@ -39,13 +39,18 @@ class DenseFFN {
   Matrix<float>& grad_w_out() { return ffn_.grad_w_out(0); }
   Matrix<float>& grad_b_in() { return ffn_.grad_b_in(0); }
   Matrix<float>& grad_b_out() { return ffn_.grad_b_out(0); }
+  // Gated activations (SwiGlu, GeGlu; SEMANTICS 15) only; otherwise they throw.
+  Matrix<float>& w_gate() { return ffn_.w_gate(0); }  // [d_model, d_ff]
+  Matrix<float>& b_gate() { return ffn_.b_gate(0); }  // [1, d_ff] or empty
+  Matrix<float>& grad_w_gate() { return ffn_.grad_w_gate(0); }
+  Matrix<float>& grad_b_gate() { return ffn_.grad_b_gate(0); }
 
   /// The dropout stream's position (FeedForwardBank::dropout_calls): kept by checkpoints that
   /// resume training exactly.
   std::uint64_t dropout_calls() const { return ffn_.dropout_calls(); }
   void set_dropout_calls(std::uint64_t calls) { ffn_.set_dropout_calls(calls); }
 
-  /// "w_in", ["b_in"], "w_out", ["b_out"].
+  /// ["w_gate", ["b_gate"],] "w_in", ["b_in"], "w_out", ["b_out"].
   std::vector<ParameterRef> parameters() {
     std::vector<ParameterRef> out;
     ffn_.append_parameters("", true, out);

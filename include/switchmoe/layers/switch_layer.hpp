@@ -25,6 +25,7 @@
 #include "switchmoe/dispatch/exchange.hpp"
 #include "switchmoe/experts/activation.hpp"
 #include "switchmoe/experts/expert_ffn.hpp"
+#include "switchmoe/experts/shared_gate.hpp"
 #include "switchmoe/layers/stats.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
@@ -42,6 +43,11 @@ struct SwitchConfig {
   float expert_dropout = 0.0f;                      // SEMANTICS 12
   float init_scale = 0.1f;                          // SEMANTICS 11
   std::uint64_t seed = 0;                           // drives initialization, jitter and dropout
+  // SEMANTICS 16: an always-on shared expert of this width (0: none), with the routed
+  // experts' activation, added to every token; with shared_expert_gate its output is weighted
+  // by sigmoid(x . w_s) (Qwen2-MoE), else by 1 (DeepSeekMoE).
+  int shared_d_ff = 0;
+  bool shared_expert_gate = false;
 };
 
 struct SwitchOutput {
@@ -86,12 +92,16 @@ class SwitchLayer {
         exchange_(std::move(exchange)),
         router_(RouterConfig{config.d_model, config.routing.num_experts, config.router_bias,
                              config.jitter_eps, config.init_scale, config.seed}),
-        experts_(FeedForwardConfig{exchange_.num_local_experts(config.routing.num_experts),
-                                   config.d_model, config.d_ff, config.expert_bias,
-                                   config.expert_dropout, config.init_scale, config.seed,
-                                   exchange_.first_expert(config.routing.num_experts)}),
-        scheme_(config.routing, LossCoefficients{config.aux_loss_coef, config.z_loss_coef}) {
+        experts_(FeedForwardConfig{
+            exchange_.num_local_experts(config.routing.num_experts), config.d_model, config.d_ff,
+            config.expert_bias, config.expert_dropout, config.init_scale, config.seed,
+            exchange_.first_expert(config.routing.num_experts), config.shared_d_ff}),
+        shared_gate_(config.d_model, config.shared_expert_gate, config.init_scale, config.seed),
+        scheme_(config.routing, LossCoefficients{config.aux_loss_coef, config.z_loss_coef},
+                config.seed) {
     router_.append_parameters("router.", router_parameters_);
+    // The shared expert is replicated like the router: its gradient is summed over processes.
+    append_shared_parameters(router_parameters_);
   }
 
   const SwitchConfig& config() const { return config_; }
@@ -110,18 +120,45 @@ class SwitchLayer {
   Matrix<float>& grad_w_out(int e) { return experts_.grad_w_out(e); }
   Matrix<float>& grad_b_in(int e) { return experts_.grad_b_in(e); }
   Matrix<float>& grad_b_out(int e) { return experts_.grad_b_out(e); }
+  // Gated activations (SwiGlu, GeGlu; SEMANTICS 15) only; otherwise they throw.
+  Matrix<float>& w_gate(int e) { return experts_.w_gate(e); }  // [d_model, d_ff]
+  Matrix<float>& b_gate(int e) { return experts_.b_gate(e); }  // [1, d_ff] or empty
+  Matrix<float>& grad_w_gate(int e) { return experts_.grad_w_gate(e); }
+  Matrix<float>& grad_b_gate(int e) { return experts_.grad_b_gate(e); }
+  // The shared expert (SEMANTICS 16); each throws without one (shared_d_ff 0), the gate ones
+  // without shared_expert_gate, the w_gate ones unless the activation is gated.
+  Matrix<float>& shared_w_in() { return experts_.shared_w_in(); }      // [d_model, shared_d_ff]
+  Matrix<float>& shared_w_out() { return experts_.shared_w_out(); }    // [shared_d_ff, d_model]
+  Matrix<float>& shared_w_gate() { return experts_.shared_w_gate(); }  // [d_model, shared_d_ff]
+  Matrix<float>& shared_b_in() { return experts_.shared_b_in(); }
+  Matrix<float>& shared_b_out() { return experts_.shared_b_out(); }
+  Matrix<float>& shared_b_gate() { return experts_.shared_b_gate(); }
+  Matrix<float>& shared_gate_weight() { return gate_part("shared_gate_weight").weight(); }
+  Matrix<float>& grad_shared_w_in() { return experts_.grad_shared_w_in(); }
+  Matrix<float>& grad_shared_w_out() { return experts_.grad_shared_w_out(); }
+  Matrix<float>& grad_shared_w_gate() { return experts_.grad_shared_w_gate(); }
+  Matrix<float>& grad_shared_b_in() { return experts_.grad_shared_b_in(); }
+  Matrix<float>& grad_shared_b_out() { return experts_.grad_shared_b_out(); }
+  Matrix<float>& grad_shared_b_gate() { return experts_.grad_shared_b_gate(); }
+  Matrix<float>& grad_shared_gate_weight() {
+    return gate_part("grad_shared_gate_weight").grad_weight();
+  }
+  // SEMANTICS 19's selection bias [1, experts] (a buffer: see buffers()).
+  Matrix<float>& balancing_bias() { return scheme_.balancing_bias(); }
   RouterType& router() { return router_; }
   Experts& experts() { return experts_; }
   Scheme& scheme() { return scheme_; }
   Exchange& exchange() { return exchange_; }
 
   /// Named parameters: "router.weight", ["router.bias"], "experts.<e>.w_in", ["experts.<e>.b_in"],
-  /// "experts.<e>.w_out", ["experts.<e>.b_out"], in that order; each with its role, owner and
-  /// (for experts) global expert index.
+  /// "experts.<e>.w_out", ["experts.<e>.b_out"], in that order (gated: "experts.<e>.w_gate"
+  /// ["b_gate"] before w_in); then the shared expert's "shared.w_in" etc. and
+  /// "shared.gate_weight"; each with its role, owner and (for experts) global expert index.
   std::vector<ParameterRef> parameters() {
     std::vector<ParameterRef> out;
     router_.append_parameters("router.", out);
     experts_.append_parameters("experts.", false, out);
+    append_shared_parameters(out);
     return out;
   }
 
@@ -136,6 +173,7 @@ class SwitchLayer {
   void zero_grad() {
     router_.zero_grad();
     experts_.zero_grad();
+    shared_gate_.zero_grad();
   }
 
   /// See FeedForwardBank::sync_weights: call after the last edit of the weights when only
@@ -234,12 +272,29 @@ class SwitchLayer {
     detail::combine_backward_rows(dy, yg_.view(), plan_, dyg, dgate_rows_);
     dxg_.resize(rows, d_model);
     const ExpertInput<Element> input = exchange_.received(xg_, plan_.offsets, row_keys_);
-    experts_.backward(input.rows, input.offsets, exchange_.dispatch_gradient(dyg_),
-                      exchange_.expert_input_gradient(dxg_));
+    if (experts_.has_shared()) {
+      // The shared FFN's output gradient s * dy, in the same batched products (SEMANTICS 16).
+      const Eigen::Index tokens = dy.rows();
+      auto dys = dys_.resize(tokens, d_model);
+      shared_gate_.backward_scale(dy, ys_.view(), dys);
+      experts_.backward(
+          input.rows, input.offsets, exchange_.dispatch_gradient(dyg_),
+          exchange_.expert_input_gradient(dxg_), dys_.view(),
+          SharedRows<Element>{xs_.view(), first_token_, dxs_.resize(tokens, d_model)});
+    } else {
+      experts_.backward(input.rows, input.offsets, exchange_.dispatch_gradient(dyg_),
+                        exchange_.expert_input_gradient(dxg_));
+    }
     exchange_.return_input_gradient(dxg_);
     scheme_.backward(routing_, plan_, dgate_rows_, loss_scale_, dlogits_);
     exchange_.begin_replicated_backward(router_parameters_);
     router_.backward(dlogits_, dx);  // [tokens, d_model]
+    if (experts_.has_shared()) {
+      // SEMANTICS 16: the shared FFN ran on every token; its input gradient and the learned
+      // gate's join the router's (all replicated parameters inside the replicated section).
+      dx += dxs_.view();
+      shared_gate_.backward_input(Eigen::Ref<Matrix<float>>(dx));
+    }
     exchange_.end_replicated_backward(router_parameters_);
     detail::gather_backward_rows(dxg_.view(), plan_, dx);
   }
@@ -252,6 +307,15 @@ class SwitchLayer {
     if (config.d_model < 1)
       detail::fail("SwitchConfig::d_model is ", config.d_model, ", expected >= 1");
     if (config.d_ff < 1) detail::fail("SwitchConfig::d_ff is ", config.d_ff, ", expected >= 1");
+    if (config.shared_d_ff < 0) {
+      detail::fail("SwitchConfig::shared_d_ff is ", config.shared_d_ff,
+                   ", expected >= 0 (0: no shared expert)");
+    }
+    if (config.shared_expert_gate && config.shared_d_ff == 0) {
+      detail::fail(
+          "SwitchConfig::shared_expert_gate is true with shared_d_ff = 0, expected a "
+          "shared expert (shared_d_ff > 0) to gate");
+    }
     if (!(config.expert_dropout >= 0.0f && config.expert_dropout < 1.0f)) {
       detail::fail("SwitchConfig::expert_dropout is ", config.expert_dropout,
                    ", expected in [0, 1)");
@@ -276,6 +340,21 @@ class SwitchLayer {
   void check_parameter_shapes() const {
     router_.check_parameter_shapes();
     experts_.check_parameter_shapes();
+    shared_gate_.check_parameter_shapes(config_.d_model);
+  }
+
+  SharedExpertGate& gate_part(const char* name) {
+    if (!shared_gate_.learned()) {
+      detail::fail(name,
+                   ": the layer has no shared expert gate (SwitchConfig::shared_expert_gate "
+                   "is false; SEMANTICS 16)");
+    }
+    return shared_gate_;
+  }
+
+  void append_shared_parameters(std::vector<ParameterRef>& out) {
+    experts_.append_shared_parameters("shared.", out);
+    shared_gate_.append_parameters("shared.", out);
   }
 
   /// y [tokens, d_model] = the experts applied to x under plan_ (gather, exchange, expert bank,
@@ -287,7 +366,9 @@ class SwitchLayer {
     // the most rows they can receive), so that the buffers stop growing after the first call.
     const auto rows_for_tokens = [&](Eigen::Index n) { return scheme_.max_rows(n, mode); };
     const Eigen::Index max_rows = rows_for_tokens(x.rows());
-    experts_.reserve_rows(exchange_.max_received_rows(x.rows(), rows_for_tokens));
+    const bool shared = experts_.has_shared();
+    experts_.reserve_rows(exchange_.max_received_rows(x.rows(), rows_for_tokens),
+                          shared ? x.rows() : 0);
     dgate_rows_.reserve(static_cast<std::size_t>(max_rows));
     xg_.reserve(max_rows * d_model);
     yg_.reserve(max_rows * d_model);
@@ -299,18 +380,32 @@ class SwitchLayer {
     detail::row_keys(plan_, first_token_, row_keys_);
     const ExpertInput<Element> input = exchange_.dispatch(xg_, plan_.offsets, row_keys_);
     yg_.resize(rows, d_model);  // [rows, d_model] expert outputs before the gates
-    experts_.forward(input.rows, input.offsets, mode, input.dropout_keys,
-                     exchange_.expert_output(yg_));
+    if (shared) {
+      // SEMANTICS 16: the shared FFN on every local token, in the routed experts' products.
+      shared_gate_.reserve(x.rows(), d_model);
+      auto xs = xs_.resize(x.rows(), d_model);  // [tokens, d_model] Element
+      detail::parallel_for(x.rows(), d_model,
+                           [&](Eigen::Index t) { xs.row(t) = x.row(t).template cast<Element>(); });
+      experts_.forward(
+          input.rows, input.offsets, mode, input.dropout_keys, exchange_.expert_output(yg_),
+          SharedRows<Element>{xs_.view(), first_token_, ys_.resize(x.rows(), d_model)});
+    } else {
+      experts_.forward(input.rows, input.offsets, mode, input.dropout_keys,
+                       exchange_.expert_output(yg_));
+    }
     exchange_.return_output(yg_);
     y.resize(x.rows(), d_model);
     detail::combine_rows(
         yg_.view(), plan_, [&](int r) { return plan_.gate[r]; }, Eigen::Ref<Matrix<float>>(y));
+    // y[t] += s[t] * Shared(x[t]): never dropped, whatever the routing kept.
+    if (shared) shared_gate_.forward(x, ys_.view(), mode, Eigen::Ref<Matrix<float>>(y));
   }
 
   SwitchConfig config_;
   ExchangeT exchange_;  // before the experts: it decides which experts this process holds
   RouterType router_;
   Experts experts_;
+  SharedExpertGate shared_gate_;  // s[t] of SEMANTICS 16 (1 unless shared_expert_gate)
   Scheme scheme_;
   std::vector<ParameterRef> router_parameters_;  // replicated parameters, for the exchange
   // Kept from the last forward for backward, and per-call buffers (reused, grow only).
@@ -321,6 +416,9 @@ class SwitchLayer {
   detail::RowBuffer<Element> xg_;        // [rows, d_model] gathered tokens
   detail::RowBuffer<float> yg_;          // [rows, d_model] expert outputs, no gates
   detail::RowBuffer<float> dyg_, dxg_;   // [rows, d_model] backward
+  detail::RowBuffer<Element> xs_;        // [tokens, d_model] shared expert input (SEMANTICS 16)
+  detail::RowBuffer<float> ys_;          // [tokens, d_model] shared expert output, before s
+  detail::RowBuffer<float> dys_, dxs_;   // [tokens, d_model] its backward
   std::vector<std::uint64_t> row_keys_;  // [rows] dropout key of each gathered row
   std::vector<float> dgate_rows_;        // [rows] d loss / d gate of each row
   Matrix<float> dlogits_;                // [tokens, experts]

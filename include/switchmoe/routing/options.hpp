@@ -18,6 +18,25 @@ inline const char* to_string(Priority p) {
   return p == Priority::kTokenOrder ? "kTokenOrder" : "kRouterProbability";
 }
 
+/// Who chooses (SEMANTICS 4 and 17).
+enum class RoutingMethod {
+  kTokenChoice,   // each token takes its top-k experts (the original, and top-k MoE)
+  kExpertChoice,  // each expert takes its top-C tokens of the group (Zhou et al. 2022)
+};
+
+/// How logits become scores (SEMANTICS 2 and 20).
+enum class ScoreFunction {
+  kSoftmax,  // over experts (the original)
+  kSigmoid,  // elementwise (DeepSeek-V3)
+};
+
+inline const char* to_string(RoutingMethod m) {
+  return m == RoutingMethod::kTokenChoice ? "kTokenChoice" : "kExpertChoice";
+}
+inline const char* to_string(ScoreFunction f) {
+  return f == ScoreFunction::kSoftmax ? "kSoftmax" : "kSigmoid";
+}
+
 struct RoutingOptions {
   int num_experts = 0;
   int top_k = 1;                      // 1 is Switch routing
@@ -29,6 +48,15 @@ struct RoutingOptions {
   Priority priority = Priority::kTokenOrder;
   bool dropless = false;     // no capacity: nothing is dropped
   bool renormalize = false;  // top-k gates renormalized to sum to 1 before capacity
+  // Variants (SEMANTICS 17-20); the defaults are the original Switch routing.
+  // Expert choice: top_k must stay 1 (it is not the number of experts per token, which varies
+  // from 0 to E); capacity_factor (or expert_capacity) sets C; dropless, renormalize, priority,
+  // random_second_choice, sigmoid scores and bias balancing do not apply and are rejected.
+  RoutingMethod method = RoutingMethod::kTokenChoice;
+  ScoreFunction score = ScoreFunction::kSoftmax;
+  float routed_scaling = 1.0f;        // multiplies every gate (SEMANTICS 20; DeepSeek-V3: 2.5)
+  bool random_second_choice = false;  // SEMANTICS 18, top_k = 2, training only
+  float bias_update_rate = 0.0f;      // u of SEMANTICS 19 (DeepSeek-V3: 1e-3); 0: no update
 };
 
 namespace detail {
@@ -40,6 +68,9 @@ struct RoutingScratch {
   std::vector<int> order;      // [group_size] the group's tokens in priority order (SEMANTICS 7)
   std::vector<int> load;       // [experts] slots used so far in the current group
   std::vector<double> weight;  // [experts] load-balancing weights of the current group
+  std::vector<char> skipped;   // [tokens * k] choices not dispatched (SEMANTICS 18), or empty
+  Matrix<float> selection;     // [tokens, experts] biased scores that choose (SEMANTICS 19)
+  Matrix<float> normalized;    // [tokens, experts] sigmoid scores / their sum (SEMANTICS 20)
 };
 
 }  // namespace detail
@@ -47,7 +78,7 @@ struct RoutingScratch {
 /// The outcome of routing N tokens over E experts with k choices each.
 struct Routing {
   Matrix<float> logits;   // [tokens, experts]
-  Matrix<float> probs;    // [tokens, experts] softmax of logits, float32
+  Matrix<float> probs;    // [tokens, experts] scores: softmax of logits (sigmoid: rule 20)
   Matrix<int> expert;     // [tokens, k] chosen experts, best first, before capacity
   Matrix<int> slot;       // [tokens, k] position in the expert's buffer of its group, -1 if dropped
   Matrix<float> gate;     // [tokens, k] combine weight, 0 if dropped
@@ -104,6 +135,49 @@ inline void validate(const RoutingOptions& options) {
       options.priority != Priority::kRouterProbability) {
     fail("RoutingOptions::priority is ", static_cast<int>(options.priority),
          ", expected Priority::kTokenOrder or Priority::kRouterProbability");
+  }
+  if (options.method != RoutingMethod::kTokenChoice &&
+      options.method != RoutingMethod::kExpertChoice) {
+    fail("RoutingOptions::method is ", static_cast<int>(options.method),
+         ", expected RoutingMethod::kTokenChoice or RoutingMethod::kExpertChoice");
+  }
+  if (options.score != ScoreFunction::kSoftmax && options.score != ScoreFunction::kSigmoid) {
+    fail("RoutingOptions::score is ", static_cast<int>(options.score),
+         ", expected ScoreFunction::kSoftmax or ScoreFunction::kSigmoid");
+  }
+  if (!(options.routed_scaling > 0.0f) || !std::isfinite(options.routed_scaling)) {
+    fail("RoutingOptions::routed_scaling is ", options.routed_scaling,
+         ", expected a finite value > 0");
+  }
+  if (!(options.bias_update_rate >= 0.0f) || !std::isfinite(options.bias_update_rate)) {
+    fail("RoutingOptions::bias_update_rate is ", options.bias_update_rate,
+         ", expected a finite value >= 0 (0: no bias balancing)");
+  }
+  if (options.random_second_choice && options.top_k != 2) {
+    fail("RoutingOptions::random_second_choice is true with top_k = ", options.top_k,
+         ", expected top_k = 2 (SEMANTICS 18)");
+  }
+  if (options.method == RoutingMethod::kExpertChoice) {
+    const char* why = " with RoutingMethod::kExpertChoice (SEMANTICS 17)";
+    if (options.top_k != 1) {
+      fail("RoutingOptions::top_k is ", options.top_k, ", expected 1", why,
+           ": each expert takes C tokens, set by capacity_factor or expert_capacity");
+    }
+    if (options.dropless) fail("RoutingOptions::dropless is true, expected false", why);
+    if (options.renormalize) fail("RoutingOptions::renormalize is true, expected false", why);
+    if (options.priority != Priority::kTokenOrder) {
+      fail("RoutingOptions::priority is ", to_string(options.priority),
+           ", expected Priority::kTokenOrder", why, ": experts choose, tokens have no priority");
+    }
+    if (options.random_second_choice) {
+      fail("RoutingOptions::random_second_choice is true, expected false", why);
+    }
+    if (options.score != ScoreFunction::kSoftmax) {
+      fail("RoutingOptions::score is ", to_string(options.score), ", expected kSoftmax", why);
+    }
+    if (options.bias_update_rate != 0.0f) {
+      fail("RoutingOptions::bias_update_rate is ", options.bias_update_rate, ", expected 0", why);
+    }
   }
 }
 

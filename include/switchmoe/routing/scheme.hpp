@@ -5,7 +5,7 @@
 // scheme is another class with the same members, passed to SwitchLayer as a template argument.
 //
 // Members a layer relies on (the routing-scheme concept):
-//   RoutingScheme(const RoutingOptions&, LossCoefficients)  validates once
+//   RoutingScheme(const RoutingOptions&, LossCoefficients, seed)  validates once
 //   int num_experts() const; const RoutingOptions& options() const
 //   void route(logits, mode, first_token, Routing&)   the logits are checked to be finite
 //   void end_route(const Routing&, mode, Exchange&)   after the losses are made global
@@ -16,6 +16,7 @@
 //   void append_buffers(prefix, std::vector<ParameterRef>&)  layer state that is not trained
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "switchmoe/core/parameter.hpp"
@@ -31,10 +32,23 @@ struct LossCoefficients {
   float z = 0.0f;
 };
 
+/// State: the balancing bias of SEMANTICS 19 ([1, experts], zero at first; a buffer that
+/// checkpoints keep) and the count of training calls that keys rule 18's draws.
 class RoutingScheme {
  public:
-  RoutingScheme(const RoutingOptions& options, LossCoefficients coefficients)
-      : options_(validated(options)), coefficients_(validated(coefficients)) {}
+  RoutingScheme(const RoutingOptions& options, LossCoefficients coefficients,
+                std::uint64_t seed = 0)
+      : options_(validated(options)),
+        coefficients_(validated(coefficients)),
+        seed_(seed),
+        bias_(Matrix<float>::Zero(1, options.num_experts)) {
+    load_.reserve(static_cast<std::size_t>(options.num_experts));
+  }
+
+  /// The selection bias of SEMANTICS 19 [1, experts]: added to the scores to choose the top-k,
+  /// never to the gates or losses. Updated by end_route when bias_update_rate > 0.
+  Matrix<float>& balancing_bias() { return bias_; }
+  const Matrix<float>& balancing_bias() const { return bias_; }
 
   const RoutingOptions& options() const { return options_; }
   int num_experts() const { return options_.num_experts; }
@@ -44,19 +58,54 @@ class RoutingScheme {
   /// `first_token` is the global index of the first token (for randomness keyed by token).
   void route(const Eigen::Ref<const Matrix<float>>& logits, Mode mode, std::int64_t first_token,
              Routing& routing) {
-    (void)first_token;
-    detail::route_validated(logits, options_, mode, routing);
+    if (bias_.rows() != 1 || bias_.cols() != options_.num_experts || !bias_.allFinite()) {
+      detail::fail("balancing_bias has shape [", bias_.rows(), ", ", bias_.cols(),
+                   "] or a non-finite entry, expected finite values of shape [1, ",
+                   options_.num_experts, "]");
+    }
+    // SEMANTICS 18: u keyed by the global token index, in a stream of this training call.
+    const bool draw = options_.random_second_choice && mode == Mode::kTrain;
+    const detail::CounterRng second_choice(seed_, detail::Stream::kSecondChoice, train_calls_);
+    detail::RouteContext context;
+    context.bias = &bias_;
+    context.second_choice = draw ? &second_choice : nullptr;
+    context.first_token = first_token;
+    detail::route_validated(logits, options_, mode, routing, context);
+    if (draw) ++train_calls_;
   }
 
-  /// After the losses were made global: a scheme with state (SEMANTICS 19) updates it here,
-  /// reducing over processes through `exchange` (its sum(values, count)). Nothing for now.
+  /// After the losses were made global (SEMANTICS 19): in a training call with
+  /// bias_update_rate u > 0, b_e += u * sign(mean load - load_e), load_e the choices of expert
+  /// e before capacity in this call summed over all processes (exchange.sum).
   template <class ExchangeT>
-  void end_route(const Routing& /*routing*/, Mode /*mode*/, ExchangeT& /*exchange*/) {}
+  void end_route(const Routing& routing, Mode mode, ExchangeT& exchange) {
+    if (mode != Mode::kTrain || options_.bias_update_rate == 0.0f) return;
+    const int experts = options_.num_experts;
+    load_.assign(static_cast<std::size_t>(experts), 0.0);
+    for (Eigen::Index i = 0; i < routing.expert.size(); ++i) load_[routing.expert.data()[i]] += 1;
+    exchange.sum(load_.data(), experts);
+    double mean = 0.0;
+    for (double l : load_) mean += l;
+    mean /= experts;
+    for (int e = 0; e < experts; ++e) {
+      const double diff = mean - load_[e];
+      const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
+      bias_(0, e) += options_.bias_update_rate * sign;
+    }
+  }
 
   /// The most rows a routing of `tokens` tokens can keep (buffers are reserved for it, so that
   /// they stop growing after the first call).
-  Eigen::Index max_rows(Eigen::Index tokens, Mode /*mode*/) const {
-    return tokens * options_.top_k;
+  Eigen::Index max_rows(Eigen::Index tokens, Mode mode) const {
+    if (options_.method != RoutingMethod::kExpertChoice || tokens == 0) {
+      return tokens * options_.top_k;
+    }
+    // SEMANTICS 17: every expert takes exactly C tokens of each group (C at most the group).
+    const Eigen::Index g = options_.group_size > 0 ? options_.group_size : tokens;
+    if (tokens % g != 0) return tokens * options_.top_k;  // route() rejects this call
+    const Eigen::Index capacity = std::min<Eigen::Index>(
+        g, detail::expert_capacity_validated(static_cast<int>(g), options_, mode));
+    return tokens / g * options_.num_experts * capacity;
   }
 
   /// The rows the experts process, grouped by expert.
@@ -77,11 +126,15 @@ class RoutingScheme {
                 const std::vector<float>& dgate_rows, LossScale scale, Matrix<float>& dlogits) {
     detail::rows_to_positions(plan, dgate_rows, dgate_);  // [tokens, k]
     detail::route_backward_validated(routing, dgate_, options_, coefficients_.aux, coefficients_.z,
-                                     dlogits, scale.groups, scale.tokens);
+                                     dlogits, scale.groups, scale.tokens, &scores_grad_);
   }
 
-  /// Layer state of the routing that is not trained by gradient (none for this scheme).
-  void append_buffers(const std::string& /*prefix*/, std::vector<ParameterRef>& /*out*/) {}
+  /// Layer state of the routing that is not trained by gradient: prefix + "balancing_bias"
+  /// (SEMANTICS 19, role kBuffer, owner kRouter).
+  void append_buffers(const std::string& prefix, std::vector<ParameterRef>& out) {
+    out.push_back({prefix + "balancing_bias", &bias_, nullptr, ParameterRole::kBuffer,
+                   ParameterOwner::kRouter, -1});
+  }
 
  private:
   static const RoutingOptions& validated(const RoutingOptions& options) {
@@ -96,7 +149,12 @@ class RoutingScheme {
 
   RoutingOptions options_;
   LossCoefficients coefficients_;
-  Matrix<float> dgate_;  // [tokens, k] backward scratch
+  std::uint64_t seed_ = 0;
+  std::uint64_t train_calls_ = 0;  // training calls that drew (SEMANTICS 18)
+  Matrix<float> bias_;             // [1, experts] SEMANTICS 19
+  std::vector<double> load_;       // [experts] end_route scratch
+  Matrix<float> dgate_;            // [tokens, k] backward scratch
+  Matrix<float> scores_grad_;      // [tokens, experts] backward scratch (sigmoid aux)
 };
 
 }  // namespace switchmoe
