@@ -35,7 +35,7 @@
 #include <string>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/expert_reference.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {

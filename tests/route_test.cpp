@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "reference/routing_reference.hpp"
+#include "support/expect_throw.hpp"
 
 namespace {
 
@@ -26,7 +27,7 @@ using switchmoe::Mode;
 using switchmoe::Priority;
 using switchmoe::RoutingOptions;
 using switchmoe_test::ThrowsInvalidArgumentNaming;
-using switchmoe_test::to_double;
+using switchmoe_test::ref::to_double;
 
 Matrix<float> make_logits(int rows, int cols, std::initializer_list<float> values) {
   Matrix<float> m(rows, cols);
