@@ -21,26 +21,12 @@
 namespace {
 
 namespace ref = switchmoe_test::ref;
+using ref::make_double;
+using ref::make_int;
 using ref::MatD;
 using ref::MatI;
 
 constexpr double kTol = 1e-12;
-
-MatD make_double(int rows, int cols, std::initializer_list<double> values) {
-  MatD m(rows, cols);
-  auto it = values.begin();
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
-  return m;
-}
-
-MatI make_int(int rows, int cols, std::initializer_list<int> values) {
-  MatI m(rows, cols);
-  auto it = values.begin();
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
-  return m;
-}
 
 // A stand-in for switchmoe::RoutingOptions with its field names (the templates of
 // routing_reference.hpp read nothing else), so that these tests need no library header.

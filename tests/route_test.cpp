@@ -20,6 +20,7 @@
 namespace {
 
 namespace ref = switchmoe_test::ref;
+using ref::make_int;
 using ref::MatD;
 using ref::MatI;
 using switchmoe::Matrix;
@@ -31,15 +32,6 @@ using switchmoe_test::ref::to_double;
 
 Matrix<float> make_logits(int rows, int cols, std::initializer_list<float> values) {
   Matrix<float> m(rows, cols);
-  auto it = values.begin();
-  for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
-  }
-  return m;
-}
-
-MatI make_int(int rows, int cols, std::initializer_list<int> values) {
-  MatI m(rows, cols);
   auto it = values.begin();
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) m(r, c) = *it++;

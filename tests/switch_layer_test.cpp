@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "reference/layer_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -67,14 +68,7 @@ SwitchConfig config_of(const Case& c) {
 template <class Layer>
 void randomize(Layer& layer, const Case& c, std::mt19937& gen) {
   ref::fill_uniform(layer.router_weight(), gen, -1.5, 1.5);
-  for (int e = 0; e < c.experts; ++e) {
-    ref::fill_uniform(layer.w_in(e), gen, -0.6, 0.6);
-    ref::fill_uniform(layer.w_out(e), gen, -0.6, 0.6);
-    if (c.bias) {
-      ref::fill_uniform(layer.b_in(e), gen, -0.3, 0.3);
-      ref::fill_uniform(layer.b_out(e), gen, -0.3, 0.3);
-    }
-  }
+  switchmoe_test::randomize_experts(layer, c.experts, c.bias, gen);
 }
 
 int reference_capacity(const Case& c) {

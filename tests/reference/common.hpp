@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 
@@ -15,6 +16,23 @@ namespace switchmoe_test::ref {
 
 using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MatI = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// [rows, cols] matrices written out by hand, values in row-major order.
+inline MatD make_double(int rows, int cols, std::initializer_list<double> values) {
+  MatD m(rows, cols);
+  auto it = values.begin();
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
+  return m;
+}
+
+inline MatI make_int(int rows, int cols, std::initializer_list<int> values) {
+  MatI m(rows, cols);
+  auto it = values.begin();
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
+  return m;
+}
 
 // Any Eigen matrix (float, bfloat16, double) as a row-major double matrix.
 template <class Derived>
