@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "reference/routing_reference.hpp"
+#include "support/expect_throw.hpp"
 
 namespace {
 

@@ -7,7 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/expert_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -53,12 +54,7 @@ void dense_matches_reference(int tokens, int d_model, int d_ff, bool bias, unsig
   cfg.seed = seed;
   DenseFFN<Fp32, Act> ffn(cfg);
   std::mt19937 gen(seed);
-  ref::fill_uniform(ffn.w_in(), gen, -0.6, 0.6);
-  ref::fill_uniform(ffn.w_out(), gen, -0.6, 0.6);
-  if (bias) {
-    ref::fill_uniform(ffn.b_in(), gen, -0.3, 0.3);
-    ref::fill_uniform(ffn.b_out(), gen, -0.3, 0.3);
-  }
+  switchmoe_test::randomize_ffn(ffn, bias, gen);
   Matrix<float> x(tokens, d_model);
   ref::fill_uniform(x, gen, -1, 1);
   const MatD y_ref = ref::ffn(ref::to_double(x), reference_of(ffn, bias), act_of<Act>());
@@ -230,13 +226,10 @@ void one_expert_is_dense(bool bias) {
   dcfg.seed = 99;
   DenseFFN<Policy, Act> dense(dcfg);
   std::mt19937 gen(8);
-  ref::fill_uniform(dense.w_in(), gen, -0.6, 0.6);
-  ref::fill_uniform(dense.w_out(), gen, -0.6, 0.6);
+  switchmoe_test::randomize_ffn(dense, bias, gen);
   layer.w_in(0) = dense.w_in();
   layer.w_out(0) = dense.w_out();
   if (bias) {
-    ref::fill_uniform(dense.b_in(), gen, -0.3, 0.3);
-    ref::fill_uniform(dense.b_out(), gen, -0.3, 0.3);
     layer.b_in(0) = dense.b_in();
     layer.b_out(0) = dense.b_out();
   }

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/common.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {

@@ -6,7 +6,7 @@
 #include <random>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/common.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {

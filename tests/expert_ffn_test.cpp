@@ -5,7 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/expert_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -21,30 +22,6 @@ using switchmoe::Relu;
 using switchmoe_test::ref::MatD;
 namespace ref = switchmoe_test::ref;
 
-template <class Bank>
-ref::Ffn ffn_of(Bank& bank, int e, bool bias) {
-  ref::Ffn f;
-  f.w_in = ref::to_double(bank.w_in(e));
-  f.w_out = ref::to_double(bank.w_out(e));
-  if (bias) {
-    f.b_in = ref::to_double(bank.b_in(e));
-    f.b_out = ref::to_double(bank.b_out(e));
-  }
-  return f;
-}
-
-template <class Bank>
-void randomize(Bank& bank, int n, bool bias, std::mt19937& gen) {
-  for (int e = 0; e < n; ++e) {
-    ref::fill_uniform(bank.w_in(e), gen, -0.6, 0.6);
-    ref::fill_uniform(bank.w_out(e), gen, -0.6, 0.6);
-    if (bias) {
-      ref::fill_uniform(bank.b_in(e), gen, -0.3, 0.3);
-      ref::fill_uniform(bank.b_out(e), gen, -0.3, 0.3);
-    }
-  }
-}
-
 // Block e of the rows goes through FFN e only; empty blocks are fine.
 template <class Act>
 void blocks_match_reference(bool bias) {
@@ -57,7 +34,7 @@ void blocks_match_reference(bool bias) {
   cfg.bias = bias;
   FeedForwardBank<Fp32, Act> bank(cfg);
   std::mt19937 gen(4);
-  randomize(bank, 4, bias, gen);
+  switchmoe_test::randomize_experts(bank, 4, bias, gen);
   const std::vector<int> offsets = {0, 3, 3, 10, 11};  // expert 1 has no rows
   Matrix<float> xg(11, 5);
   ref::fill_uniform(xg, gen, -1, 1);
@@ -67,7 +44,7 @@ void blocks_match_reference(bool bias) {
   ASSERT_EQ(yg.cols(), 5);
   const MatD xd = ref::to_double(xg);
   for (int e = 0; e < 4; ++e) {
-    const ref::Ffn f = ffn_of(bank, e, bias);
+    const ref::Ffn f = ref::expert_of(bank, e, bias);
     for (int r = offsets[e]; r < offsets[e + 1]; ++r) {
       const auto row = ref::ffn_row(xd, r, f, kAct);
       for (int k = 0; k < 5; ++k) EXPECT_NEAR(yg(r, k), row[k], 2e-6) << "row " << r;
@@ -120,7 +97,7 @@ TEST(FeedForwardBank, BackwardMatchesFiniteDifferences) {
   cfg.bias = true;
   FeedForwardBank<Fp32, Gelu> bank(cfg);
   std::mt19937 gen(6);
-  randomize(bank, 3, true, gen);
+  switchmoe_test::randomize_experts(bank, 3, true, gen);
   const std::vector<int> offsets = {0, 4, 4, 7};
   Matrix<float> xg(7, 4), dyg(7, 4);
   ref::fill_uniform(xg, gen, -1, 1);

@@ -35,7 +35,8 @@
 #include <string>
 #include <vector>
 
-#include "reference/layer_reference.hpp"
+#include "reference/expert_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -217,14 +218,7 @@ void check_switch_gradients(GradCase c) {
     std::mt19937 gen(c.seed * 1000 + attempt);
     ref::fill_uniform(layer.router_weight(), gen, -1.5, 1.5);
     if (c.router_bias) ref::fill_uniform(layer.router_bias(), gen, -0.5, 0.5);
-    for (int e = 0; e < c.experts; ++e) {
-      ref::fill_uniform(layer.w_in(e), gen, -0.6, 0.6);
-      ref::fill_uniform(layer.w_out(e), gen, -0.6, 0.6);
-      if (c.bias) {
-        ref::fill_uniform(layer.b_in(e), gen, -0.3, 0.3);
-        ref::fill_uniform(layer.b_out(e), gen, -0.3, 0.3);
-      }
-    }
+    switchmoe_test::randomize_experts(layer, c.experts, c.bias, gen);
     ref::fill_uniform(x, gen, -1, 1);
     ref::fill_uniform(dy, gen, -1, 1);
     found = routing_has_margin(layer.forward(x, Mode::kTrain), c, max_logit_step(layer, x));
@@ -612,12 +606,7 @@ void check_dense_gradients(bool bias, unsigned seed) {
   cfg.seed = seed;
   DenseFFN<Fp32, Act> ffn(cfg);
   std::mt19937 gen(seed);
-  ref::fill_uniform(ffn.w_in(), gen, -0.6, 0.6);
-  ref::fill_uniform(ffn.w_out(), gen, -0.6, 0.6);
-  if (bias) {
-    ref::fill_uniform(ffn.b_in(), gen, -0.3, 0.3);
-    ref::fill_uniform(ffn.b_out(), gen, -0.3, 0.3);
-  }
+  switchmoe_test::randomize_ffn(ffn, bias, gen);
   const int tokens = 9;
   Matrix<float> x(tokens, 5), dy(tokens, 5);
   ref::fill_uniform(x, gen, -1, 1);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "reference/routing_reference.hpp"
+#include "support/expect_throw.hpp"
 #include "switchmoe/losses/load_balancing.hpp"
 #include "switchmoe/losses/z_loss.hpp"
 
@@ -24,7 +25,7 @@ using switchmoe::Matrix;
 using switchmoe::router_z_loss;
 using switchmoe::router_z_loss_grad;
 using switchmoe_test::ThrowsInvalidArgumentNaming;
-using switchmoe_test::to_double;
+using switchmoe_test::ref::to_double;
 
 ::testing::AssertionResult Near(const Matrix<float>& got, const MatD& want, double tol) {
   if (got.rows() != want.rows() || got.cols() != want.cols()) {

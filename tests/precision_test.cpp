@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "reference/layer_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -83,14 +84,7 @@ void bf16_layer_within_bound(int tokens, int d_model, int d_ff, int experts, int
   SwitchLayer<Bf16, Act> layer(cfg);
   std::mt19937 gen(seed);
   ref::fill_uniform(layer.router_weight(), gen, -1.5, 1.5);
-  for (int e = 0; e < experts; ++e) {
-    ref::fill_uniform(layer.w_in(e), gen, -0.6, 0.6);
-    ref::fill_uniform(layer.w_out(e), gen, -0.6, 0.6);
-    if (bias) {
-      ref::fill_uniform(layer.b_in(e), gen, -0.3, 0.3);
-      ref::fill_uniform(layer.b_out(e), gen, -0.3, 0.3);
-    }
-  }
+  switchmoe_test::randomize_experts(layer, experts, bias, gen);
   Matrix<float> x(tokens, d_model);
   ref::fill_uniform(x, gen, -1, 1);
   const auto out = layer.forward(x, Mode::kEval);
@@ -136,12 +130,9 @@ TEST(PrecisionBf16, DenseWithinDerivedBound) {
     cfg.bias = bias;
     DenseFFN<Bf16, Gelu> ffn(cfg);
     std::mt19937 gen(11 + bias);
-    ref::fill_uniform(ffn.w_in(), gen, -0.6, 0.6);
-    ref::fill_uniform(ffn.w_out(), gen, -0.6, 0.6);
+    switchmoe_test::randomize_ffn(ffn, bias, gen);
     ref::Ffn f{ref::to_double(ffn.w_in()), MatD(), ref::to_double(ffn.w_out()), MatD()};
     if (bias) {
-      ref::fill_uniform(ffn.b_in(), gen, -0.3, 0.3);
-      ref::fill_uniform(ffn.b_out(), gen, -0.3, 0.3);
       f.b_in = ref::to_double(ffn.b_in());
       f.b_out = ref::to_double(ffn.b_out());
     }

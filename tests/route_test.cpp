@@ -15,10 +15,12 @@
 #include <vector>
 
 #include "reference/routing_reference.hpp"
+#include "support/expect_throw.hpp"
 
 namespace {
 
 namespace ref = switchmoe_test::ref;
+using ref::make_int;
 using ref::MatD;
 using ref::MatI;
 using switchmoe::Matrix;
@@ -26,19 +28,10 @@ using switchmoe::Mode;
 using switchmoe::Priority;
 using switchmoe::RoutingOptions;
 using switchmoe_test::ThrowsInvalidArgumentNaming;
-using switchmoe_test::to_double;
+using switchmoe_test::ref::to_double;
 
 Matrix<float> make_logits(int rows, int cols, std::initializer_list<float> values) {
   Matrix<float> m(rows, cols);
-  auto it = values.begin();
-  for (int r = 0; r < rows; ++r) {
-    for (int c = 0; c < cols; ++c) m(r, c) = *it++;
-  }
-  return m;
-}
-
-MatI make_int(int rows, int cols, std::initializer_list<int> values) {
-  MatI m(rows, cols);
   auto it = values.begin();
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; ++c) m(r, c) = *it++;

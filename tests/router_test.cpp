@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "reference/routing_reference.hpp"
+#include "support/expect_throw.hpp"
 
 namespace {
 
@@ -25,7 +26,7 @@ using switchmoe::Mode;
 using switchmoe::Router;
 using switchmoe::RouterConfig;
 using switchmoe_test::ThrowsInvalidArgumentNaming;
-using switchmoe_test::to_double;
+using switchmoe_test::ref::to_double;
 
 Matrix<float> random_matrix(int rows, int cols, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> normal(0.0f, scale);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "reference/layer_reference.hpp"
+#include "support/random_weights.hpp"
 #include "switchmoe/switchmoe.hpp"
 
 namespace {
@@ -67,14 +68,7 @@ SwitchConfig config_of(const Case& c) {
 template <class Layer>
 void randomize(Layer& layer, const Case& c, std::mt19937& gen) {
   ref::fill_uniform(layer.router_weight(), gen, -1.5, 1.5);
-  for (int e = 0; e < c.experts; ++e) {
-    ref::fill_uniform(layer.w_in(e), gen, -0.6, 0.6);
-    ref::fill_uniform(layer.w_out(e), gen, -0.6, 0.6);
-    if (c.bias) {
-      ref::fill_uniform(layer.b_in(e), gen, -0.3, 0.3);
-      ref::fill_uniform(layer.b_out(e), gen, -0.3, 0.3);
-    }
-  }
+  switchmoe_test::randomize_experts(layer, c.experts, c.bias, gen);
 }
 
 int reference_capacity(const Case& c) {
@@ -88,7 +82,7 @@ int reference_capacity(const Case& c) {
 constexpr double kFp32Tol = 2e-5;
 
 template <class Out>
-void expect_stats_match(const Out& out, const ref::RouteResult& r, int experts, double z) {
+void expect_stats_match(const Out& out, const ref::Routing& r, int experts, double z) {
   const ref::Stats s = ref::stats(r, experts);
   const auto& st = out.stats;
   ASSERT_EQ(static_cast<int>(st.tokens_per_expert.size()), experts);
@@ -101,7 +95,7 @@ void expect_stats_match(const Out& out, const ref::RouteResult& r, int experts, 
   EXPECT_NEAR(st.dropped_token_fraction, s.dropped_token_fraction, 1e-6);
   EXPECT_NEAR(st.router_confidence, s.router_confidence, 1e-5);
   EXPECT_NEAR(st.expert_usage, s.expert_usage, 1e-6);
-  EXPECT_NEAR(st.aux_loss, r.aux, 1e-5 * (1 + std::abs(r.aux)));
+  EXPECT_NEAR(st.aux_loss, r.aux_loss, 1e-5 * (1 + std::abs(r.aux_loss)));
   EXPECT_NEAR(st.z_loss, z, 1e-5 * (1 + z));
 }
 
@@ -123,7 +117,7 @@ void run_case(const Case& c) {
   ASSERT_EQ(out.routing.logits.rows(), c.tokens);
   ASSERT_EQ(out.routing.logits.cols(), c.experts);
   EXPECT_LT(ref::max_abs_diff(ref::to_double(out.routing.logits), logits), 1e-5);
-  EXPECT_LT(ref::max_abs_diff(ref::to_double(out.routing.probs), ref::softmax_rows(logits)), 1e-6);
+  EXPECT_LT(ref::max_abs_diff(ref::to_double(out.routing.probs), ref::softmax(logits)), 1e-6);
 
   // Rules 4-7 from the layer's own float probabilities (so near-ties resolve identically).
   ref::RouteOptions ro;
@@ -134,7 +128,7 @@ void run_case(const Case& c) {
   ro.dropless = c.dropless;
   ro.renormalize = c.renormalize;
   const MatD layer_logits = ref::to_double(out.routing.logits);
-  const ref::RouteResult r = ref::route(ref::to_double(out.routing.probs), ro, &layer_logits);
+  const ref::Routing r = ref::route_probs(ref::to_double(out.routing.probs), ro, &layer_logits);
   ASSERT_EQ(out.routing.expert.rows(), c.tokens);
   ASSERT_EQ(out.routing.expert.cols(), c.top_k);
   EXPECT_EQ(MatI(out.routing.expert), r.expert);
@@ -158,10 +152,10 @@ void run_case(const Case& c) {
   }
 
   // Rules 8, 9 and the scaled loss.
-  const double z = ref::z_loss(logits);
-  EXPECT_NEAR(out.routing.aux_loss, r.aux, 1e-5 * (1 + r.aux));
+  const double z = ref::router_z_loss(logits);
+  EXPECT_NEAR(out.routing.aux_loss, r.aux_loss, 1e-5 * (1 + r.aux_loss));
   EXPECT_NEAR(out.routing.z_loss, z, 1e-5 * (1 + z));
-  EXPECT_NEAR(out.loss, cfg.aux_loss_coef * r.aux + cfg.z_loss_coef * z, 1e-6);
+  EXPECT_NEAR(out.loss, cfg.aux_loss_coef * r.aux_loss + cfg.z_loss_coef * z, 1e-6);
   expect_stats_match(out, r, c.experts, z);
 }
 

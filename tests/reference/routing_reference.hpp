@@ -1,28 +1,39 @@
-// Slow, obviously-correct double-precision reference of the routing rules 4-9 of
-// SEMANTICS.md (choice, groups, capacity, priority, load-balancing loss, z-loss) and of the
-// gradients that reach the router logits (rule 10). Written from SEMANTICS.md alone, with plain
-// loops, so that the tests compare the library against an independent reading of the spec.
+// Slow, obviously-correct double-precision reference of the router and of routing: rule 2
+// (logits and softmax), rules 4-9 of SEMANTICS.md (choice, groups, capacity, priority,
+// load-balancing loss, z-loss) and the gradients that reach the router logits (rule 10).
+// Written from SEMANTICS.md alone, with plain loops, so that the tests compare the library
+// against an independent reading of the spec.
 //
-// The reference does not include the library: functions that need routing options are
-// templates over any struct with the field names of switchmoe::RoutingOptions.
+// The reference does not include the library. The routing decisions are taken by route_probs()
+// from a plain RouteOptions; the entry points that take the library's options (route(),
+// route_from_probs(), capacity()) are templates over any struct with the field names of
+// switchmoe::RoutingOptions and only translate them.
 #pragma once
-
-#include <gtest/gtest.h>
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
-#include <functional>
-#include <initializer_list>
 #include <numeric>
-#include <stdexcept>
-#include <string>
 #include <vector>
+
+#include "reference/common.hpp"
 
 namespace switchmoe_test::ref {
 
-using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using MatI = Eigen::Matrix<int, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// Rule 2: logits = x * W_r (+ b) in double.  // [tokens, experts]
+inline MatD router_logits(const MatD& x,                 // [tokens, d_model]
+                          const MatD& w,                 // [d_model, experts]
+                          const MatD* bias = nullptr) {  // [1, experts]
+  MatD logits = MatD::Zero(x.rows(), w.cols());
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    for (Eigen::Index e = 0; e < w.cols(); ++e) {
+      double sum = bias != nullptr ? (*bias)(0, e) : 0.0;
+      for (Eigen::Index d = 0; d < x.cols(); ++d) sum += x(t, d) * w(d, e);
+      logits(t, e) = sum;
+    }
+  }
+  return logits;
+}
 
 // Rule 2: probs = softmax(logits) over experts, row by row.
 inline MatD softmax(const MatD& logits) {  // [tokens, experts]
@@ -39,7 +50,7 @@ inline MatD softmax(const MatD& logits) {  // [tokens, experts]
   return probs;
 }
 
-// log(sum_e exp(logits[t, e])) for every token.
+// log(sum_e exp(logits[t, e])) for every token.  // [tokens]
 inline std::vector<double> logsumexp(const MatD& logits) {
   std::vector<double> lse(logits.rows());
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
@@ -52,17 +63,18 @@ inline std::vector<double> logsumexp(const MatD& logits) {
   return lse;
 }
 
-// Rule 4: the top-k experts of every token by probability; ties go to the lower expert index
-// (a strict '>' while scanning experts in increasing order keeps the first maximum).
-inline MatI top_k(const MatD& probs, int k) {  // [tokens, k]
-  MatI expert(probs.rows(), k);
-  for (Eigen::Index t = 0; t < probs.rows(); ++t) {
-    std::vector<bool> taken(probs.cols(), false);
+// Rule 4: the top-k experts of every token by `score` (the probabilities, or anything ordered
+// like them); ties go to the lower expert index (a strict '>' while scanning experts in
+// increasing order keeps the first maximum).
+inline MatI top_k(const MatD& score, int k) {  // [tokens, k]
+  MatI expert(score.rows(), k);
+  for (Eigen::Index t = 0; t < score.rows(); ++t) {
+    std::vector<bool> taken(score.cols(), false);
     for (int c = 0; c < k; ++c) {
       int best = -1;
-      for (int e = 0; e < probs.cols(); ++e) {
+      for (int e = 0; e < score.cols(); ++e) {
         if (taken[e]) continue;
-        if (best < 0 || probs(t, e) > probs(t, best)) best = e;
+        if (best < 0 || score(t, e) > score(t, best)) best = e;
       }
       taken[best] = true;
       expert(t, c) = best;
@@ -74,40 +86,50 @@ inline MatI top_k(const MatD& probs, int k) {  // [tokens, k]
 // Rule 6: C = max(min_capacity, min(T_g, floor(factor * T_g / E))). An explicit capacity
 // (> 0) replaces the formula; the tests only use explicit values in [min_capacity, T_g],
 // where every reading of "overrides the factor" agrees.
-template <class Options>
-int capacity(int group_tokens, const Options& o, bool train) {
-  if (o.expert_capacity > 0) return o.expert_capacity;
-  const double factor = train ? o.capacity_factor : o.eval_capacity_factor;
-  const int by_factor = static_cast<int>(std::floor(factor * group_tokens / o.num_experts));
-  return std::max(o.min_capacity, std::min(group_tokens, by_factor));
+inline int capacity(int group_tokens, int num_experts, double capacity_factor, int min_capacity,
+                    int explicit_capacity) {
+  if (explicit_capacity > 0) return explicit_capacity;
+  const int by_factor = static_cast<int>(
+      std::floor(capacity_factor * group_tokens / static_cast<double>(num_experts)));
+  return std::max(min_capacity, std::min(group_tokens, by_factor));
 }
 
-struct Routing {
-  MatD probs;   // [tokens, experts]
-  MatI expert;  // [tokens, k] before capacity
-  MatI slot;    // [tokens, k], -1 if dropped
-  MatD gate;    // [tokens, k], 0 if dropped
-  double aux_loss = 0.0;
-  double z_loss = 0.0;
-  int capacity = 0;
-  int group_size = 0;
-};
+// Rule 6 with the fields of switchmoe::RoutingOptions; `train` picks the factor (rule 6's
+// defaults differ between training and evaluation).
+template <class Options>
+int capacity(int group_tokens, const Options& o, bool train) {
+  return capacity(group_tokens, o.num_experts, train ? o.capacity_factor : o.eval_capacity_factor,
+                  o.min_capacity, o.expert_capacity);
+}
+
+// Consecutive groups of `group_size` tokens (rule 5; 0: one group of all tokens). The library
+// requires group_size to divide the token count; the reference also accepts a shorter last
+// group, which changes nothing when it does.
+inline int group_count(int tokens, int group_size) {
+  const int g = group_size > 0 ? group_size : tokens;
+  return g > 0 ? (tokens + g - 1) / g : 0;
+}
 
 // Rule 8, per group then averaged over groups: aux = E * sum_e f_e * P_e with f_e the fraction
 // of the group's tokens that chose e among their k choices (before capacity) and P_e the mean
 // probability of e over the group.
-inline double load_balancing_loss(const MatD& probs, const MatI& expert, int group_size) {
+inline double load_balancing_loss(const MatD& probs,   // [tokens, experts]
+                                  const MatI& expert,  // [tokens, k]
+                                  int group_size) {
   const int tokens = static_cast<int>(probs.rows());
   const int experts = static_cast<int>(probs.cols());
   const int g = group_size > 0 ? group_size : tokens;
-  if (tokens == 0) return 0.0;
-  const int groups = tokens / g;
+  const int groups = group_count(tokens, group_size);
+  if (groups == 0) return 0.0;
   double total = 0.0;
   for (int group = 0; group < groups; ++group) {
+    const int begin = group * g;
+    const int end = std::min(tokens, begin + g);
+    const int tg = end - begin;
     std::vector<double> f(experts, 0.0), p(experts, 0.0);
-    for (int t = group * g; t < (group + 1) * g; ++t) {
-      for (int c = 0; c < expert.cols(); ++c) f[expert(t, c)] += 1.0 / g;
-      for (int e = 0; e < experts; ++e) p[e] += probs(t, e) / g;
+    for (int t = begin; t < end; ++t) {
+      for (int c = 0; c < expert.cols(); ++c) f[expert(t, c)] += 1.0 / tg;
+      for (int e = 0; e < experts; ++e) p[e] += probs(t, e) / tg;
     }
     double aux = 0.0;
     for (int e = 0; e < experts; ++e) aux += f[e] * p[e];
@@ -124,73 +146,132 @@ inline double router_z_loss(const MatD& logits) {
   return total / logits.rows();
 }
 
-// Rule 7: the order in which the tokens of one group (given by global indices
-// [begin, begin + size)) claim their slots.
-template <class Options>
-std::vector<int> priority_order(const MatD& probs, const MatI& expert, int begin, int size,
-                                const Options& o) {
-  std::vector<int> order(size);
+// The routing decisions in plain terms, with the capacity already worked out.
+struct RouteOptions {
+  int top_k = 1;
+  int capacity = 0;             // C per expert per group (ignored when dropless)
+  int group_size = 0;           // 0: the whole call is one group
+  bool by_probability = false;  // rule 7 priority: false = token order
+  bool dropless = false;
+  bool renormalize = false;
+};
+
+// Rule 7: the order in which the tokens [begin, end) of one group claim their slots.
+inline std::vector<int> priority_order(const MatD& probs, const MatI& expert, int begin, int end,
+                                       bool by_probability) {
+  std::vector<int> order(end - begin);
   std::iota(order.begin(), order.end(), begin);
-  using Priority = decltype(o.priority);
-  if (o.priority == Priority::kRouterProbability) {
+  if (by_probability) {
+    // Descending top-1 probability, stable so ties keep token order.
     std::stable_sort(order.begin(), order.end(),
                      [&](int a, int b) { return probs(a, expert(a, 0)) > probs(b, expert(b, 0)); });
   }
   return order;
 }
 
-// Rules 4-9 on already computed probabilities and logits. The discrete decisions (top-k,
-// priority, slots) are taken on `probs` exactly as given.
-template <class Options>
-Routing route_from_probs(const MatD& logits, const MatD& probs, const Options& o, bool train) {
+struct Routing {
+  MatD probs;             // [tokens, experts]
+  MatI expert;            // [tokens, k] chosen experts, best first, before capacity
+  MatI slot;              // [tokens, k] position in the expert's buffer of its group, -1 if dropped
+  MatD gate;              // [tokens, k] combine weight, 0 if dropped
+  double aux_loss = 0.0;  // rule 8, unscaled
+  double z_loss = 0.0;    // rule 9, unscaled (only when routed from logits)
+  int capacity = 0;       // C (dropless: the largest load of any expert in any group)
+  int group_size = 0;     // tokens per group
+  int groups = 0;         // number of groups
+  std::vector<int> tokens_before;  // [experts] choices per expert before capacity (all groups)
+  std::vector<int> tokens_after;   // [experts] kept choices per expert (all groups)
+};
+
+// Rules 4-8 on given probabilities: the discrete decisions (top-k, priority, slots) are taken
+// on `probs` exactly as given. `rank_by` (optional, [tokens, experts], e.g. the logits) orders
+// the experts of a token for the top-k choice instead: softmax is monotone, so the order is the
+// same, but logits cannot collapse into false ties when float32 probabilities round to equal
+// values.
+inline Routing route_probs(const MatD& probs, const RouteOptions& o,
+                           const MatD* rank_by = nullptr) {
   Routing r;
   const int tokens = static_cast<int>(probs.rows());
+  const int experts = static_cast<int>(probs.cols());
   const int k = o.top_k;
-  const int experts = o.num_experts;
   r.probs = probs;
   r.group_size = o.group_size > 0 ? o.group_size : tokens;
-  r.expert = top_k(probs, k);
+  r.groups = group_count(tokens, o.group_size);
+  r.expert = top_k(rank_by != nullptr ? *rank_by : probs, k);
   r.slot = MatI::Constant(tokens, k, -1);
   r.gate = MatD::Zero(tokens, k);
-  const int groups = r.group_size > 0 ? tokens / r.group_size : 0;
-  if (o.dropless) {
-    // Dropless: C is the largest per-group load, counted over all k choices.
-    r.capacity = 0;
-    for (int group = 0; group < groups; ++group) {
-      std::vector<int> load(experts, 0);
-      for (int t = group * r.group_size; t < (group + 1) * r.group_size; ++t) {
-        for (int c = 0; c < k; ++c) ++load[r.expert(t, c)];
-      }
-      for (int e = 0; e < experts; ++e) r.capacity = std::max(r.capacity, load[e]);
+  r.tokens_before.assign(experts, 0);
+  r.tokens_after.assign(experts, 0);
+
+  // Rule 6, dropless: C is the largest per-group load, counted over all k choices.
+  r.capacity = o.dropless ? 0 : o.capacity;
+  for (int group = 0; group < r.groups; ++group) {
+    const int begin = group * r.group_size;
+    const int end = std::min(tokens, begin + r.group_size);
+    std::vector<int> load(experts, 0);
+    for (int t = begin; t < end; ++t) {
+      for (int c = 0; c < k; ++c) ++load[r.expert(t, c)];
     }
-  } else {
-    r.capacity = capacity(r.group_size, o, train);
+    for (int e = 0; e < experts; ++e) {
+      r.tokens_before[e] += load[e];
+      if (o.dropless) r.capacity = std::max(r.capacity, load[e]);
+    }
   }
-  for (int group = 0; group < groups; ++group) {
-    const std::vector<int> order =
-        priority_order(probs, r.expert, group * r.group_size, r.group_size, o);
+
+  // Rule 7: slots fill in priority order, every first choice before any second choice.
+  for (int group = 0; group < r.groups; ++group) {
+    const int begin = group * r.group_size;
+    const int end = std::min(tokens, begin + r.group_size);
+    const std::vector<int> order = priority_order(probs, r.expert, begin, end, o.by_probability);
     std::vector<int> filled(experts, 0);
-    for (int c = 0; c < k; ++c) {  // every first choice before any second choice
+    for (int c = 0; c < k; ++c) {
       for (int t : order) {
         const int e = r.expert(t, c);
         if (filled[e] < r.capacity) r.slot(t, c) = filled[e]++;
       }
     }
+    for (int e = 0; e < experts; ++e) r.tokens_after[e] += filled[e];
   }
+
+  // Rule 4: the gate is the raw probability, or renormalized over the k choices before
+  // capacity; a dropped choice has gate 0.
   for (int t = 0; t < tokens; ++t) {
     double chosen_sum = 0.0;
     for (int c = 0; c < k; ++c) chosen_sum += probs(t, r.expert(t, c));
     for (int c = 0; c < k; ++c) {
       if (r.slot(t, c) < 0) continue;
       const double p = probs(t, r.expert(t, c));
-      r.gate(t, c) = o.renormalize ? p / chosen_sum : p;  // renormalized before capacity
+      r.gate(t, c) = o.renormalize ? p / chosen_sum : p;
     }
   }
   r.aux_loss = load_balancing_loss(probs, r.expert, r.group_size);
+  return r;
+}
+
+// switchmoe::RoutingOptions-like options in the plain terms of route_probs(); `tokens` is the
+// call's token count (a group of all of them when group_size is 0).
+template <class Options>
+RouteOptions route_options(int tokens, const Options& o, bool train) {
+  using Priority = decltype(o.priority);
+  RouteOptions plain;
+  plain.top_k = o.top_k;
+  plain.group_size = o.group_size;
+  plain.capacity = capacity(o.group_size > 0 ? o.group_size : tokens, o, train);
+  plain.by_probability = o.priority == Priority::kRouterProbability;
+  plain.dropless = o.dropless;
+  plain.renormalize = o.renormalize;
+  return plain;
+}
+
+// Rules 4-9 on already computed probabilities and logits (decisions on `probs` as given).
+template <class Options>
+Routing route_from_probs(const MatD& logits, const MatD& probs, const Options& o, bool train) {
+  Routing r = route_probs(probs, route_options(static_cast<int>(probs.rows()), o, train));
   r.z_loss = router_z_loss(logits);
   return r;
 }
 
+// Rules 2, 4-9 from the logits.
 template <class Options>
 Routing route(const MatD& logits, const Options& o, bool train) {
   return route_from_probs(logits, softmax(logits), o, train);
@@ -198,7 +279,7 @@ Routing route(const MatD& logits, const Options& o, bool train) {
 
 // ---------------------------------------------------------------------------------------------
 // Gradients with respect to the logits (issue #3). Analytic forms below; finite differences
-// on the functions above serve as their oracle in the tests.
+// (common.hpp) on the functions above serve as their oracle in the tests.
 
 // Backward of softmax: given dL/dprobs, returns dL/dlogits.
 inline MatD softmax_backward(const MatD& probs, const MatD& dprobs) {
@@ -219,16 +300,19 @@ inline MatD load_balancing_loss_grad(const MatD& logits, const MatI& expert, int
   const int experts = static_cast<int>(logits.cols());
   const MatD probs = softmax(logits);
   MatD dprobs = MatD::Zero(tokens, experts);
-  if (tokens == 0) return dprobs;
   const int g = group_size > 0 ? group_size : tokens;
-  const int groups = tokens / g;
+  const int groups = group_count(tokens, group_size);
+  if (groups == 0) return dprobs;
   for (int group = 0; group < groups; ++group) {
+    const int begin = group * g;
+    const int end = std::min(tokens, begin + g);
+    const int tg = end - begin;
     std::vector<double> f(experts, 0.0);
-    for (int t = group * g; t < (group + 1) * g; ++t) {
-      for (int c = 0; c < expert.cols(); ++c) f[expert(t, c)] += 1.0 / g;
+    for (int t = begin; t < end; ++t) {
+      for (int c = 0; c < expert.cols(); ++c) f[expert(t, c)] += 1.0 / tg;
     }
-    for (int t = group * g; t < (group + 1) * g; ++t) {
-      for (int e = 0; e < experts; ++e) dprobs(t, e) = experts * f[e] / g / groups;
+    for (int t = begin; t < end; ++t) {
+      for (int e = 0; e < experts; ++e) dprobs(t, e) = experts * f[e] / tg / groups;
     }
   }
   return softmax_backward(probs, dprobs);
@@ -292,72 +376,4 @@ inline MatD gates_given_decisions(const MatD& logits, const MatI& expert, const 
   return gate;
 }
 
-// Central finite differences of a scalar function of the logits.
-inline MatD finite_difference(const std::function<double(const MatD&)>& f, const MatD& logits,
-                              double h = 1e-6) {
-  MatD grad(logits.rows(), logits.cols());
-  MatD x = logits;
-  for (Eigen::Index t = 0; t < logits.rows(); ++t) {
-    for (Eigen::Index e = 0; e < logits.cols(); ++e) {
-      const double saved = x(t, e);
-      x(t, e) = saved + h;
-      const double up = f(x);
-      x(t, e) = saved - h;
-      const double down = f(x);
-      x(t, e) = saved;
-      grad(t, e) = (up - down) / (2.0 * h);
-    }
-  }
-  return grad;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Router (rule 2): logits = x * W (+ b) in double.
-inline MatD router_logits(const MatD& x, const MatD& w, const MatD* bias = nullptr) {
-  MatD logits = MatD::Zero(x.rows(), w.cols());
-  for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    for (Eigen::Index e = 0; e < w.cols(); ++e) {
-      double sum = bias != nullptr ? (*bias)(0, e) : 0.0;
-      for (Eigen::Index d = 0; d < x.cols(); ++d) sum += x(t, d) * w(d, e);
-      logits(t, e) = sum;
-    }
-  }
-  return logits;
-}
-
 }  // namespace switchmoe_test::ref
-
-// ---------------------------------------------------------------------------------------------
-// Helpers shared by the routing tests.
-namespace switchmoe_test {
-
-template <class Derived>
-ref::MatD to_double(const Eigen::MatrixBase<Derived>& m) {
-  return m.template cast<double>();
-}
-
-// Passes when `call` throws std::invalid_argument whose what() contains every one of `words`
-// (the argument's name, and where given its value): the error contract of STYLE.md.
-template <class Call>
-::testing::AssertionResult ThrowsInvalidArgumentNaming(Call&& call,
-                                                       std::initializer_list<std::string> words) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    const std::string message = e.what();
-    for (const std::string& word : words) {
-      if (message.find(word) == std::string::npos) {
-        return ::testing::AssertionFailure() << "std::invalid_argument(\"" << message
-                                             << "\") does not contain \"" << word << "\"";
-      }
-    }
-    return ::testing::AssertionSuccess();
-  } catch (const std::exception& e) {
-    return ::testing::AssertionFailure() << "threw another exception: " << e.what();
-  } catch (...) {
-    return ::testing::AssertionFailure() << "threw a non-std exception";
-  }
-  return ::testing::AssertionFailure() << "did not throw";
-}
-
-}  // namespace switchmoe_test
