@@ -74,9 +74,10 @@ TEST(BadInputRouteBackward, ChecksRoutingGateGradientsAndCoefficients) {
 
 TEST(BadInputRoutingStats, ChecksIdsAndShapes) {
   Routing routing = switchmoe::route(random_matrix(6, 4, 1), options(), Mode::kTrain);
+  routing.expert(2, 0) = 3;  // valid with 4 experts, out of range with 3
   EXPECT_NO_THROW(switchmoe::routing_stats(routing, 4));
   EXPECT_THROW_WITH(switchmoe::routing_stats(routing, 3), std::invalid_argument,
-                    "expected in [0, 3)");
+                    "routing.expert(2, 0) is 3, expected in [0, 3)");
   Routing broken = routing;
   broken.expert(5, 1) = -2;
   EXPECT_THROW_WITH(switchmoe::routing_stats(broken, 4), std::invalid_argument,

@@ -145,9 +145,10 @@ class Router {
     return dx;
   }
 
+  /// Zeroes the gradients, restoring their configured shapes if a caller resized them.
   void zero_grad() {
-    grad_weight_.setZero();
-    grad_bias_.setZero();
+    grad_weight_.setZero(config_.d_model, config_.num_experts);
+    grad_bias_.setZero(config_.bias ? 1 : 0, config_.num_experts);
   }
 
   void append_parameters(const std::string& prefix, std::vector<ParameterRef>& out) {
