@@ -177,6 +177,106 @@ struct Avx512Tile {
     store(lo, hi, c, ldc, beta, rows, cols);
   }
 
+  // C row [cols] = acc + beta * C row, the store of run_tile for one row (same rounding).
+  static inline __attribute__((always_inline)) void store_row(__m512 lo, __m512 hi, float* c,
+                                                              float beta, int cols) {
+    const __mmask16 mask_lo = first_lanes16(cols);
+    const __mmask16 mask_hi = cols <= 16 ? static_cast<__mmask16>(0) : first_lanes16(cols - 16);
+    if (beta != 0.0f) {
+      const __m512 vbeta = _mm512_set1_ps(beta);
+      lo = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask_lo, c), lo);
+      hi = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask_hi, c + 16), hi);
+    }
+    _mm512_mask_storeu_ps(c, mask_lo, lo);
+    _mm512_mask_storeu_ps(c + 16, mask_hi, hi);
+  }
+
+  // The thin-row (decode) kernel: kThin rows of op(A), read in place (no packing; row i at
+  // a_rows[i], k-step s at a_rows[i] + s * kKPack), times kPanels consecutive packed B panels
+  // (panel_stride packed elements apart), over `steps` k-steps; then C = acc + beta * C for the
+  // first `rows` rows and `cols` columns. Every accumulator is the same chain of the same
+  // instructions as in run_tile (zero, then one `fma` per k-step in increasing k), so results
+  // are bitwise those of run_tile; only more column panels are in flight, which keeps enough
+  // independent chains (2 * kThin * kPanels) busy when there are few rows, and reads kPanels
+  // streams of B at once.
+  template <int kThin, int kPanels, class Packed, class E, class Broadcast, class Fma>
+  static inline __attribute__((always_inline)) void run_thin_tile(
+      int steps, const E* const* a_rows, const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
+      float* c, std::ptrdiff_t ldc, float beta, int rows, int cols, Broadcast broadcast, Fma fma) {
+    __m512 acc[kThin][kPanels][2];
+#pragma GCC unroll 16
+    for (int i = 0; i < kThin; ++i) {
+#pragma GCC unroll 16
+      for (int g = 0; g < kPanels; ++g) acc[i][g][0] = acc[i][g][1] = _mm512_setzero_ps();
+    }
+    const E* ar[kThin];
+#pragma GCC unroll 16
+    for (int i = 0; i < kThin; ++i) ar[i] = a_rows[i];
+    for (int s = 0; s < steps; ++s) {
+      const Packed* bs = b + static_cast<std::ptrdiff_t>(s) * b_stride;
+#pragma GCC unroll 16
+      for (int i = 0; i < kThin; ++i) {
+        const auto ai = broadcast(ar[i], s);
+#pragma GCC unroll 16
+        for (int g = 0; g < kPanels; ++g) {
+          acc[i][g][0] = fma(acc[i][g][0], ai, bs + g * panel_stride);
+          acc[i][g][1] = fma(acc[i][g][1], ai, bs + g * panel_stride + b_stride / 2);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < kPanels; ++g) {
+      const int panel_cols = std::min(kNr, cols - g * kNr);
+      if (panel_cols <= 0) break;
+      for (int i = 0; i < rows; ++i) {
+        store_row(acc[i][g][0], acc[i][g][1], c + i * ldc + g * kNr, beta, panel_cols);
+      }
+    }
+  }
+
+  // Rows [0, rows) (1 <= rows <= 8) of op(A) times `panels` consecutive B panels: groups of
+  // kPanels = 8 / kThin panels (16 accumulators), the last panels one at a time.
+  template <int kThin, class Packed, class E, class Broadcast, class Fma>
+  static inline void run_thin_rows(int steps, const E* const* a_rows, const Packed* b,
+                                   std::ptrdiff_t panel_stride, int b_stride, int panels, float* c,
+                                   std::ptrdiff_t ldc, float beta, int rows, int cols,
+                                   Broadcast broadcast, Fma fma) {
+    constexpr int kGroup = 8 / kThin;
+    int q = 0;
+    for (; q + kGroup <= panels; q += kGroup) {
+      run_thin_tile<kThin, kGroup>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
+                                   c + q * kNr, ldc, beta, rows, cols - q * kNr, broadcast, fma);
+    }
+    for (; q < panels; ++q) {
+      run_thin_tile<kThin, 1>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
+                              c + q * kNr, ldc, beta, rows, cols - q * kNr, broadcast, fma);
+    }
+  }
+
+  // Dispatches 1 <= rows <= 8 to kThin in {1, 2, 4, 8}; rows beyond `rows` repeat the last row
+  // (computed, never stored), so that A is never read out of bounds.
+  template <class Packed, class E, class Broadcast, class Fma>
+  static inline void run_thin_dispatch(int steps, const E* a, std::ptrdiff_t lda, int rows,
+                                       const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
+                                       int panels, float* c, std::ptrdiff_t ldc, float beta,
+                                       int cols, Broadcast broadcast, Fma fma) {
+    const E* a_rows[8];
+    for (int i = 0; i < 8; ++i) a_rows[i] = a + std::min(i, rows - 1) * lda;
+    if (rows > 4) {
+      run_thin_rows<8>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
+                       broadcast, fma);
+    } else if (rows > 2) {
+      run_thin_rows<4>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
+                       broadcast, fma);
+    } else if (rows > 1) {
+      run_thin_rows<2>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
+                       broadcast, fma);
+    } else {
+      run_thin_rows<1>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
+                       broadcast, fma);
+    }
+  }
+
   // C[rows, cols] = acc + beta * C (beta == 0: C is not read); columns beyond `cols` are
   // masked off.
   static inline void store(const __m512 (&lo)[kMr], const __m512 (&hi)[kMr], float* c,
@@ -233,6 +333,21 @@ struct Avx512FloatKernel : Avx512Tile<14> {
       }
     }
     pack_full_panel_portable<Avx512FloatKernel, kPanel>(view, base, steps, dst);
+  }
+
+  // Thin row blocks (decode): op(A) rows read in place, see Avx512Tile::run_thin_tile. The
+  // broadcast value is the packed one (pack(): a float, or a bf16 widened exactly).
+  static constexpr int kThinRows = 8;
+  static void run_thin(int steps, const T* a, std::ptrdiff_t lda, int rows, const Packed* b,
+                       std::ptrdiff_t panel_stride, int panels, float* c, std::ptrdiff_t ldc,
+                       float beta, int cols) {
+    run_thin_dispatch(
+        steps, a, lda, rows, b, panel_stride, kNr, panels, c, ldc, beta, cols,
+        [](const T* ai, int s)
+            __attribute__((always_inline)) { return _mm512_set1_ps(pack(ai[s])); },
+        [](__m512 acc, __m512 ai, const Packed* bs) __attribute__((always_inline)) {
+          return _mm512_fmadd_ps(ai, _mm512_load_ps(bs), acc);
+        });
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
@@ -323,6 +438,24 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
     } else {
       pack_full_panel_portable<Avx512DotBf16Kernel, kPanel>(view, base, steps, dst);
     }
+  }
+
+  // Thin row blocks (decode): op(A) rows read in place, a k-step is the pair of bf16 values
+  // at 2s and 2s + 1 (the caller guarantees k is even, so no pair runs past the row).
+  static constexpr int kThinRows = 8;
+  static void run_thin(int steps, const Eigen::bfloat16* a, std::ptrdiff_t lda, int rows,
+                       const Packed* b, std::ptrdiff_t panel_stride, int panels, float* c,
+                       std::ptrdiff_t ldc, float beta, int cols) {
+    run_thin_dispatch(
+        steps, a, lda, rows, b, panel_stride, 2 * kNr, panels, c, ldc, beta, cols,
+        [](const Eigen::bfloat16* ai, int s) __attribute__((always_inline)) {
+          std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
+          std::memcpy(&pair, ai + 2 * s, sizeof(pair));
+          return reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        },
+        [](__m512 acc, __m512bh ai, const Packed* bs) __attribute__((always_inline)) {
+          return _mm512_dpbf16_ps(acc, ai, reinterpret_cast<__m512bh>(_mm512_load_si512(bs)));
+        });
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,

@@ -7,8 +7,11 @@
 // gives results bitwise identical to gemm() on the same T values: same packing, same kernel,
 // same k order; it only skips packing B inside every call.
 
+#include <omp.h>
+
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <stdexcept>
 #include <string>
@@ -141,6 +144,117 @@ struct PackedGemmProblem {
 
 namespace detail {
 
+// Kernels with a thin-row (decode) path define kThinRows and run_thin (micro_kernel_avx512.hpp).
+template <class Kernel, class = void>
+inline constexpr bool kHasThinRows = false;
+template <class Kernel>
+inline constexpr bool kHasThinRows<Kernel, std::void_t<decltype(Kernel::kThinRows)>> = true;
+
+// The most rows of op(A) a problem of a thin call may have: two row groups of the kernel's.
+template <class Kernel>
+inline constexpr int kMaxThinRows = 2 * Kernel::kThinRows;
+
+// A call takes the thin path when every problem with work is thin: few rows (decode, or many
+// experts with a few tokens each), op(A) row-major, k > 0, and whole k-steps (bf16 pairs).
+// Which path runs never changes a result (run_thin_problems), so this is only about speed.
+template <class Kernel, class T>
+bool thin_call(const GemmProblem<T>* problems, std::size_t count) {
+  bool any = false;
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmProblem<T>& p = problems[i];
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.m > kMaxThinRows<Kernel> || p.k == 0 || p.trans_a != Transpose::kNo ||
+        p.k % Kernel::kKPack != 0) {
+      return false;
+    }
+    any = true;
+  }
+  return any;
+}
+
+// A unit of the thin schedule: column panels [q0, q1) of one problem, all its rows and k.
+struct ThinUnit {
+  int problem;
+  int q0;
+  int q1;
+};
+
+inline std::vector<ThinUnit>& thread_thin_units() {
+  thread_local std::vector<ThinUnit> units;
+  return units;
+}
+
+// The thin-row schedule: every problem's columns are cut into units of whole B panels, and
+// one dynamic OpenMP loop runs the units of all problems, so both threads stream the weights
+// of one expert (split by columns) and move on to the next expert without a barrier. Each unit
+// reads its rows of op(A) in place (nothing is packed), walks k in blocks of kKc in increasing
+// order and, per block, runs the thin kernel over its panels with C = acc + beta * C (beta of
+// the problem for the first block, 1 after): per C element exactly the operations of
+// compute_tile and Kernel::run, so the results are bitwise those of the tile path, for any
+// thread count and unit split. Epilogues run once per unit, on all rows of its columns.
+template <class Kernel, class T, class Isa, class Epilogue>
+void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
+                       const PackedGemmProblem<T, Isa>* packed, const Epilogue& epilogue) {
+  constexpr int kNr = Kernel::kNr;
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  double work = 0.0;  // panels x k of all problems
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmProblem<T>& p = problems[i];
+    if (p.m > 0 && p.n > 0) work += static_cast<double>((p.n + kNr - 1) / kNr) * p.k;
+  }
+  // About kTilesPerThread units per thread: dynamic scheduling evens out a loaded machine.
+  const double unit_work = work / (static_cast<double>(kTilesPerThread) * threads);
+  std::vector<ThinUnit>& units = thread_thin_units();  // the calling thread's, reused
+  units.clear();
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmProblem<T>& p = problems[i];
+    if (p.m == 0 || p.n == 0) continue;
+    const int panels = (p.n + kNr - 1) / kNr;
+    const int splits =
+        threads == 1 ? 1
+                     : static_cast<int>(std::clamp<double>(
+                           std::round(panels * static_cast<double>(p.k) / std::max(unit_work, 1.0)),
+                           1.0, panels));
+    const int per_unit = (panels + splits - 1) / splits;
+    for (int q0 = 0; q0 < panels; q0 += per_unit) {
+      units.push_back(ThinUnit{static_cast<int>(i), q0, std::min(panels, q0 + per_unit)});
+    }
+  }
+  const int unit_count = static_cast<int>(units.size());
+  // As in run_tiles: every thread holds its packing buffers from the region start on (the thin
+  // path packs nothing, but a later tile-path call then allocates nothing either).
+  thread_pack_buffers<Kernel>();
+  switchmoe::detail::LoopExceptions exceptions;
+#pragma omp parallel if (unit_count > 1)
+  {
+    exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
+#pragma omp for schedule(dynamic, 1)
+    for (int u = 0; u < unit_count; ++u) {
+      exceptions.run(u, [&] {
+        const ThinUnit unit = units[u];
+        const GemmProblem<T>& p = problems[unit.problem];
+        const PackedB<T, Isa>& b = *packed[unit.problem].b;
+        const int j0 = unit.q0 * kNr;
+        const int cols = std::min(p.n, unit.q1 * kNr) - j0;
+        for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
+          const int kc = std::min(Kernel::kKc, p.k - p0);
+          const int steps = packed_steps<Kernel>(kc);
+          const std::ptrdiff_t panel_stride =
+              static_cast<std::ptrdiff_t>(steps) * kNr * Kernel::kKPack;
+          const float beta = p0 == 0 ? p.beta : 1.0f;
+          for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
+            Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
+                             std::min(Kernel::kThinRows, p.m - r0), b.block(p0, j0), panel_stride,
+                             unit.q1 - unit.q0, p.c + r0 * p.ldc + j0, p.ldc, beta, cols);
+          }
+        }
+        epilogue(unit.problem, 0, p.m, j0, cols);
+      });
+    }
+  }
+  exceptions.rethrow_if_failed();
+}
+
 template <class T, class Isa, class Epilogue>
 void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
                           const Epilogue& epilogue) {
@@ -168,6 +282,18 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
     plain.push_back(q);
   }
   const PackedGemmProblem<T, Isa>* packed = problems;
+  if constexpr (kHasThinRows<Kernel>) {
+    // Sized on every call, whichever path runs, so that a thin call after the largest call
+    // allocates nothing (at most 2 units per problem plus kTilesPerThread per thread).
+    std::vector<ThinUnit>& units = thread_thin_units();
+    const std::size_t most_units =
+        2 * count + static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
+    if (units.capacity() < most_units) units.reserve(most_units);
+    if (thin_call<Kernel>(plain.data(), plain.size())) {
+      run_thin_problems<Kernel>(plain.data(), plain.size(), packed, epilogue);
+      return;
+    }
+  }
   run_problems<Kernel>(
       plain.data(), plain.size(), true,
       [packed](int index, Packed*) {

@@ -1,0 +1,620 @@
+// switchmoe's SwitchLayer forward against the same MoE written on oneDNN (issue 15), interleaved
+// in one process so that both see the same machine load.
+//
+// The MoE: d_model x d_ff = 768 x 3072, 8 experts, top-1, nothing dropped (dropless), ReLU, no
+// biases, evaluation mode, y[t] = gate[t] * FFN_e(x[t]) with the router's softmax probability as
+// the gate. Both sides use the same weights (copied from the switchmoe layer) and route the same,
+// so both do the same work; the outputs are compared (column "max |dy|").
+//
+// The oneDNN side is written the way a performance-minded user would write it on oneDNN 2.x:
+//   - weights prepacked once per expert into the layout the matmul picks (memory format `any`),
+//     one packed copy per distinct layout the primitives choose;
+//   - primitives created once per row count and cached (a primitive does not hold its weights,
+//     so all experts share the primitives of a row count); memory objects cached with them and
+//     re-pointed with set_data_handle;
+//   - ReLU fused as an eltwise post-op of the first matmul (bf16: the hidden layer is written as
+//     bf16 by that matmul, the second matmul reads it as bf16 and writes float32);
+//   - a user scratchpad, one per thread;
+//   - the router as a oneDNN matmul, then top-1 + softmax gate, a counting sort of the tokens by
+//     expert, gather (bf16: converted with vcvtneps2bf16) and combine in plain loops.
+// Variant "onednn_per_thread" (with --many_experts) gives each OpenMP thread whole experts
+// (primitives created for one thread, one scratchpad and hidden buffer per thread).
+//
+// Timing: each case runs both implementations alternately (the order flips every repetition)
+// and reports median times and the median of the per-repetition time ratios. Decode cases
+// (tokens <= 64) first read a 256 MiB buffer with all threads before every timed call; that
+// read is the memory-read probe (bandwidth, timed) and it also evicts the weights from the
+// caches, so the call streams its weights from memory as in real inference over many layers.
+// "% bw" = bytes of the weights of the experts the call touches / call time / probe bandwidth.
+//
+//   onednn_bench [--reps N] [--tokens 1,8,64,512,2048] [--precision fp32,bf16]
+//                [--many_experts] [--json FILE]
+// Needs libdnnl-dev (Debian; `bash cmake/install_deps.sh libdnnl-dev`); CMake skips this
+// program when oneDNN is not found.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dnnl.hpp>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "switchmoe/switchmoe.hpp"
+
+namespace {
+
+using switchmoe::Matrix;
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory-read probe: all threads read disjoint halves of a buffer far beyond the caches.
+class ReadProbe {
+ public:
+  explicit ReadProbe(std::size_t bytes) : floats_(bytes / sizeof(float)) {
+    data_.reset(static_cast<float*>(std::aligned_alloc(64, floats_ * sizeof(float))));
+#pragma omp parallel for schedule(static)
+    for (std::size_t i = 0; i < floats_; ++i) data_.get()[i] = 1e-9f * static_cast<float>(i & 63);
+  }
+  // Reads the whole buffer once; returns the bandwidth in bytes per second.
+  double run() {
+    const auto start = Clock::now();
+    float total = 0.0f;
+#pragma omp parallel reduction(+ : total)
+    {
+      const std::size_t threads = omp_get_num_threads(), id = omp_get_thread_num();
+      const std::size_t chunk = floats_ / threads / 128 * 128;
+      const float* p = data_.get() + id * chunk;
+      __m512 acc[8];
+      for (__m512& a : acc) a = _mm512_setzero_ps();
+      for (std::size_t i = 0; i < chunk; i += 128) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_load_ps(p + i + 16 * j));
+      }
+      for (int j = 1; j < 8; ++j) acc[0] = _mm512_add_ps(acc[0], acc[j]);
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[0]);
+      for (float v : lanes) total += v;
+    }
+    const double s = seconds_since(start);
+    sink_ += total;
+    return static_cast<double>(floats_ * sizeof(float)) / s;
+  }
+  float sink() const { return sink_; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::size_t floats_;
+  std::unique_ptr<float, Free> data_;
+  float sink_ = 0.0f;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The MoE on oneDNN.
+struct MoeShape {
+  int d_model, d_ff, experts;
+};
+
+class OnednnMoe {
+ public:
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+
+  // w_in[e] [d_model, d_ff], w_out[e] [d_ff, d_model], router [d_model, experts]: row-major
+  // float32 masters, converted to bf16 when `bf16`.
+  OnednnMoe(const MoeShape& shape, bool bf16, bool per_thread, const Matrix<float>& router,
+            const std::vector<const Matrix<float>*>& w_in,
+            const std::vector<const Matrix<float>*>& w_out)
+      : shape_(shape),
+        wdt_(bf16 ? dt::bf16 : dt::f32),
+        per_thread_(per_thread),
+        engine_(dnnl::engine::kind::cpu, 0),
+        stream_(engine_),
+        router_(router) {
+    const int d_model = shape.d_model, d_ff = shape.d_ff;
+    for (int e = 0; e < shape.experts; ++e) {
+      w_in_plain_.push_back(plain_weights(*w_in[e], d_model, d_ff));
+      w_out_plain_.push_back(plain_weights(*w_out[e], d_ff, d_model));
+    }
+    w_in_packed_.resize(shape.experts);
+    w_out_packed_.resize(shape.experts);
+    const int threads = omp_get_max_threads();
+    scratch_.resize(threads);
+    hidden_thread_.resize(threads);
+  }
+
+  // y [tokens, d_model] = MoE(x [tokens, d_model]).
+  void forward(const Matrix<float>& x, Matrix<float>& y) {
+    const int tokens = static_cast<int>(x.rows());
+    const int d_model = shape_.d_model, d_ff = shape_.d_ff, experts = shape_.experts;
+    // Router logits [tokens, experts] = x * router.
+    logits_.resize(tokens, experts);
+    RouterStep& r = router_step(tokens);
+    r.src.set_data_handle(const_cast<float*>(x.data()));
+    r.dst.set_data_handle(logits_.data());
+    r.prim.execute(stream_, {{DNNL_ARG_SRC, r.src},
+                             {DNNL_ARG_WEIGHTS, r.weights},
+                             {DNNL_ARG_DST, r.dst},
+                             {DNNL_ARG_SCRATCHPAD, scratchpad(0, r.scratch_bytes)}});
+    // Top-1 and gate = softmax probability of the chosen expert; counting sort by expert.
+    choice_.resize(tokens);
+    gate_.resize(tokens);
+    offsets_.assign(experts + 1, 0);
+    for (int t = 0; t < tokens; ++t) {
+      const float* l = logits_.data() + static_cast<std::ptrdiff_t>(t) * experts;
+      int best = 0;
+      for (int e = 1; e < experts; ++e) best = l[e] > l[best] ? e : best;
+      float sum = 0.0f;
+      for (int e = 0; e < experts; ++e) sum += std::exp(l[e] - l[best]);
+      choice_[t] = best;
+      gate_[t] = 1.0f / sum;
+      ++offsets_[best + 1];
+    }
+    for (int e = 0; e < experts; ++e) offsets_[e + 1] += offsets_[e];
+    row_of_.resize(tokens);
+    fill_ = offsets_;
+    for (int t = 0; t < tokens; ++t) row_of_[t] = fill_[choice_[t]]++;
+    // Gather x rows by expert (bf16: converted).
+    const std::size_t elem = wdt_ == dt::bf16 ? 2 : 4;
+    xg_.resize(static_cast<std::size_t>(tokens) * d_model * elem);
+    hidden_.resize(static_cast<std::size_t>(tokens) * d_ff * elem);
+    yg_.resize(static_cast<std::size_t>(tokens) * d_model);
+#pragma omp parallel for schedule(static) if (tokens >= 64)
+    for (int t = 0; t < tokens; ++t) {
+      const float* src = x.data() + static_cast<std::ptrdiff_t>(t) * d_model;
+      char* dst = xg_.data() + static_cast<std::size_t>(row_of_[t]) * d_model * elem;
+      if (wdt_ == dt::bf16) {
+        for (int j = 0; j < d_model; j += 16) {
+          const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * j),
+                              reinterpret_cast<__m256i>(v));
+        }
+      } else {
+        std::memcpy(dst, src, d_model * sizeof(float));
+      }
+    }
+    // Experts.
+    if (per_thread_) {
+      run_experts_per_thread();
+    } else {
+      for (int e = 0; e < experts; ++e) {
+        const int m = offsets_[e + 1] - offsets_[e];
+        if (m == 0) continue;
+        ExpertSteps& s = expert_steps(m);
+        s.src.set_data_handle(xg_.data() + static_cast<std::size_t>(offsets_[e]) * d_model * elem);
+        s.hidden.set_data_handle(hidden_.data() +
+                                 static_cast<std::size_t>(offsets_[e]) * d_ff * elem);
+        s.dst.set_data_handle(yg_.data() + static_cast<std::size_t>(offsets_[e]) * d_model);
+        s.up.execute(stream_, {{DNNL_ARG_SRC, s.src},
+                               {DNNL_ARG_WEIGHTS, w_in_packed_[e][s.up_format]},
+                               {DNNL_ARG_DST, s.hidden},
+                               {DNNL_ARG_SCRATCHPAD, scratchpad(0, s.up_scratch)}});
+        s.down.execute(stream_, {{DNNL_ARG_SRC, s.hidden},
+                                 {DNNL_ARG_WEIGHTS, w_out_packed_[e][s.down_format]},
+                                 {DNNL_ARG_DST, s.dst},
+                                 {DNNL_ARG_SCRATCHPAD, scratchpad(0, s.down_scratch)}});
+      }
+    }
+    // Combine: y[t] = gate[t] * yg[row(t)].
+    y.resize(tokens, d_model);
+#pragma omp parallel for schedule(static) if (tokens >= 64)
+    for (int t = 0; t < tokens; ++t) {
+      const float* src = yg_.data() + static_cast<std::size_t>(row_of_[t]) * d_model;
+      float* dst = y.data() + static_cast<std::ptrdiff_t>(t) * d_model;
+      const __m512 g = _mm512_set1_ps(gate_[t]);
+      for (int j = 0; j < d_model; j += 16) {
+        _mm512_storeu_ps(dst + j, _mm512_mul_ps(g, _mm512_loadu_ps(src + j)));
+      }
+    }
+  }
+
+ private:
+  struct RouterStep {
+    dnnl::matmul prim;
+    dnnl::memory src, weights, dst;
+    std::size_t scratch_bytes = 0;
+  };
+  struct ExpertSteps {
+    dnnl::matmul up, down;                       // x W_in with ReLU; h W_out
+    std::size_t up_format = 0, down_format = 0;  // index of the packed weight copy
+    std::size_t up_scratch = 0, down_scratch = 0;
+    dnnl::memory::desc src_md, hidden_md, dst_md;
+    dnnl::memory src, hidden, dst;  // re-pointed per expert
+  };
+  struct PackedSet {  // one layout, all experts' weights in it
+    dnnl::memory::desc md;
+  };
+
+  dnnl::memory plain_weights(const Matrix<float>& w, int k, int n) {
+    // The master as a float32 oneDNN memory [k, n] row-major (tag ab); its own copy.
+    dnnl::memory m({{k, n}, dt::f32, tag::ab}, engine_);
+    std::memcpy(m.get_data_handle(), w.data(), static_cast<std::size_t>(k) * n * sizeof(float));
+    return m;
+  }
+
+  dnnl::memory& scratchpad(int thread, std::size_t bytes) {
+    auto& s = scratch_[thread];
+    if (!s || s.get_desc().get_size() < bytes) {
+      s = dnnl::memory(
+          {{static_cast<dnnl::memory::dim>(std::max<std::size_t>(bytes, 64))}, dt::u8, tag::a},
+          engine_);
+    }
+    return s;
+  }
+
+  RouterStep& router_step(int tokens) {
+    auto it = router_steps_.find(tokens);
+    if (it != router_steps_.end()) return it->second;
+    const int d_model = shape_.d_model, experts = shape_.experts;
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::memory::desc src({tokens, d_model}, dt::f32, tag::ab);
+    const dnnl::memory::desc wei({d_model, experts}, dt::f32, tag::ab);
+    const dnnl::memory::desc dst({tokens, experts}, dt::f32, tag::ab);
+    dnnl::matmul::primitive_desc pd({src, wei, dst}, attr, engine_);
+    RouterStep r;
+    r.prim = dnnl::matmul(pd);
+    r.src = dnnl::memory(src, engine_, nullptr);
+    r.weights = dnnl::memory(wei, engine_, const_cast<float*>(router_.data()));
+    r.dst = dnnl::memory(dst, engine_, nullptr);
+    r.scratch_bytes = pd.scratchpad_desc().get_size();
+    return router_steps_.emplace(tokens, std::move(r)).first->second;
+  }
+
+  // The index of `md` among the packed layouts of `packed`; packs every expert's weights into
+  // it when it is new.
+  std::size_t packed_format(const dnnl::memory::desc& md, std::vector<dnnl::memory::desc>& formats,
+                            std::vector<std::vector<dnnl::memory>>& packed,
+                            const std::vector<dnnl::memory>& plain) {
+    for (std::size_t i = 0; i < formats.size(); ++i) {
+      if (formats[i] == md) return i;
+    }
+    formats.push_back(md);
+    for (std::size_t e = 0; e < plain.size(); ++e) {
+      dnnl::memory m(md, engine_);
+      dnnl::memory src = plain[e];  // a handle: reorder takes non-const references
+      dnnl::reorder(src, m).execute(stream_, src, m);
+      packed[e].push_back(m);
+    }
+    stream_.wait();
+    return formats.size() - 1;
+  }
+
+  // The primitives of an expert that receives m rows (one set per row count, cached).
+  ExpertSteps& expert_steps(int m) {
+    auto& cache = per_thread_ ? thread_steps_ : steps_;
+    auto it = cache.find(m);
+    if (it != cache.end()) return it->second;
+    const int d_model = shape_.d_model, d_ff = shape_.d_ff;
+    // Per-thread primitives are created for one thread: they run inside the experts' loop.
+    const int saved_threads = omp_get_max_threads();
+    if (per_thread_) omp_set_num_threads(1);
+    ExpertSteps s;
+    s.src_md = dnnl::memory::desc({m, d_model}, wdt_, tag::ab);
+    s.hidden_md = dnnl::memory::desc({m, d_ff}, wdt_, tag::ab);
+    s.dst_md = dnnl::memory::desc({m, d_model}, dt::f32, tag::ab);
+    dnnl::primitive_attr up_attr;
+    up_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::post_ops relu;
+    relu.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+    up_attr.set_post_ops(relu);
+    const dnnl::memory::desc up_wei({d_model, d_ff}, wdt_, tag::any);
+    dnnl::matmul::primitive_desc up_pd({s.src_md, up_wei, s.hidden_md}, up_attr, engine_);
+    dnnl::primitive_attr down_attr;
+    down_attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::memory::desc down_wei({d_ff, d_model}, wdt_, tag::any);
+    dnnl::matmul::primitive_desc down_pd({s.hidden_md, down_wei, s.dst_md}, down_attr, engine_);
+    if (per_thread_) omp_set_num_threads(saved_threads);
+    s.up = dnnl::matmul(up_pd);
+    s.down = dnnl::matmul(down_pd);
+    s.up_scratch = up_pd.scratchpad_desc().get_size();
+    s.down_scratch = down_pd.scratchpad_desc().get_size();
+    s.up_format = packed_format(up_pd.weights_desc(), up_formats_, w_in_packed_, w_in_plain_);
+    s.down_format =
+        packed_format(down_pd.weights_desc(), down_formats_, w_out_packed_, w_out_plain_);
+    s.src = dnnl::memory(s.src_md, engine_, nullptr);
+    s.hidden = dnnl::memory(s.hidden_md, engine_, nullptr);
+    s.dst = dnnl::memory(s.dst_md, engine_, nullptr);
+    impl_ = std::string(up_pd.impl_info_str()) + " / " + down_pd.impl_info_str();
+    return cache.emplace(m, std::move(s)).first->second;
+  }
+
+  // Threads take whole experts (dynamic), each with its own scratchpad and hidden buffer.
+  void run_experts_per_thread() {
+    const int d_model = shape_.d_model, d_ff = shape_.d_ff, experts = shape_.experts;
+    const std::size_t elem = wdt_ == dt::bf16 ? 2 : 4;
+    // Primitives (and their scratchpad sizes) are created outside the region.
+    std::size_t scratch_bytes = 0;
+    for (int e = 0; e < experts; ++e) {
+      const int m = offsets_[e + 1] - offsets_[e];
+      if (m == 0) continue;
+      ExpertSteps& s = expert_steps(m);
+      scratch_bytes = std::max({scratch_bytes, s.up_scratch, s.down_scratch});
+    }
+    for (std::size_t t = 0; t < scratch_.size(); ++t)
+      scratchpad(static_cast<int>(t), scratch_bytes);
+#pragma omp parallel
+    {
+      const int id = omp_get_thread_num();
+      dnnl::stream stream(engine_);
+#pragma omp for schedule(dynamic, 1)
+      for (int e = 0; e < experts; ++e) {
+        const int m = offsets_[e + 1] - offsets_[e];
+        if (m == 0) continue;
+        const ExpertSteps& s = thread_steps_.find(m)->second;
+        std::vector<char>& hidden = hidden_thread_[id];
+        if (hidden.size() < static_cast<std::size_t>(m) * d_ff * elem) {
+          hidden.resize(static_cast<std::size_t>(m) * d_ff * elem);
+        }
+        dnnl::memory src(s.src_md, engine_,
+                         xg_.data() + static_cast<std::size_t>(offsets_[e]) * d_model * elem);
+        dnnl::memory hid(s.hidden_md, engine_, hidden.data());
+        dnnl::memory dst(s.dst_md, engine_,
+                         yg_.data() + static_cast<std::size_t>(offsets_[e]) * d_model);
+        s.up.execute(stream, {{DNNL_ARG_SRC, src},
+                              {DNNL_ARG_WEIGHTS, w_in_packed_[e][s.up_format]},
+                              {DNNL_ARG_DST, hid},
+                              {DNNL_ARG_SCRATCHPAD, scratch_[id]}});
+        s.down.execute(stream, {{DNNL_ARG_SRC, hid},
+                                {DNNL_ARG_WEIGHTS, w_out_packed_[e][s.down_format]},
+                                {DNNL_ARG_DST, dst},
+                                {DNNL_ARG_SCRATCHPAD, scratch_[id]}});
+      }
+    }
+  }
+
+ public:
+  const std::string& impl() const { return impl_; }
+
+ private:
+  MoeShape shape_;
+  dt wdt_;
+  bool per_thread_;
+  dnnl::engine engine_;
+  dnnl::stream stream_;
+  Matrix<float> router_;  // [d_model, experts]
+  std::vector<dnnl::memory> w_in_plain_, w_out_plain_;
+  std::vector<dnnl::memory::desc> up_formats_, down_formats_;
+  std::vector<std::vector<dnnl::memory>> w_in_packed_, w_out_packed_;  // [expert][format]
+  std::map<int, RouterStep> router_steps_;
+  std::map<int, ExpertSteps> steps_, thread_steps_;
+  std::vector<dnnl::memory> scratch_;
+  std::vector<std::vector<char>> hidden_thread_;
+  Matrix<float> logits_;
+  std::vector<int> choice_, row_of_, offsets_, fill_;
+  std::vector<float> gate_;
+  std::vector<char> xg_, hidden_;
+  std::vector<float> yg_;
+  std::string impl_;
+};
+
+// ---------------------------------------------------------------------------------------------
+struct Options {
+  int reps = 0;  // 0: by token count
+  std::vector<int> tokens{1, 8, 64, 512, 2048};
+  std::vector<std::string> precisions{"fp32", "bf16"};
+  bool many_experts = false;
+  std::string json;
+};
+
+struct Result {
+  std::string precision, variant;
+  int tokens, experts, d_model, d_ff, reps;
+  bool cold;
+  double switch_s, onednn_s, ratio, bytes, bandwidth, switch_bw, onednn_bw, max_diff;
+};
+
+Matrix<float> random_matrix(int rows, int cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  Matrix<float> m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
+  return m;
+}
+
+template <class Policy>
+void run_precision(const char* precision, const MoeShape& shape, bool per_thread,
+                   const std::vector<int>& token_counts, const Options& options, ReadProbe& probe,
+                   std::vector<Result>& results) {
+  switchmoe::SwitchConfig config;
+  config.d_model = shape.d_model;
+  config.d_ff = shape.d_ff;
+  config.routing.num_experts = shape.experts;
+  config.routing.dropless = true;
+  config.seed = 7;
+  switchmoe::SwitchLayer<Policy> layer(config);
+  layer.sync_weights();
+  std::vector<const Matrix<float>*> w_in, w_out;
+  auto& bank =
+      static_cast<const typename switchmoe::SwitchLayer<Policy>::Experts&>(layer.experts());
+  for (int e = 0; e < shape.experts; ++e) {
+    w_in.push_back(&bank.w_in(e));
+    w_out.push_back(&bank.w_out(e));
+  }
+  const Matrix<float> router =
+      static_cast<const switchmoe::Router<Policy>&>(layer.router()).weight();
+  OnednnMoe moe(shape, std::is_same_v<Policy, switchmoe::Bf16>, per_thread, router, w_in, w_out);
+  const double elem = std::is_same_v<Policy, switchmoe::Bf16> ? 2.0 : 4.0;
+  for (int tokens : token_counts) {
+    const Matrix<float> x = random_matrix(tokens, shape.d_model, 100 + tokens);
+    switchmoe::SwitchOutput out;
+    Matrix<float> y;
+    layer.forward(x, switchmoe::Mode::kEval, out);  // warm-up: buffers, primitives, packing
+    moe.forward(x, y);
+    const double max_diff = (out.y - y).cwiseAbs().maxCoeff();
+    std::vector<int> touched(shape.experts, 0);
+    for (Eigen::Index t = 0; t < tokens; ++t) touched[out.routing.expert(t, 0)] = 1;
+    const double bytes =
+        2.0 * shape.d_model * shape.d_ff * elem * std::count(touched.begin(), touched.end(), 1);
+    const bool cold = tokens <= 64;
+    const int reps = options.reps > 0 ? options.reps : tokens >= 2048 ? 7 : tokens >= 512 ? 11 : 31;
+    std::vector<double> ts, to, ratio, bw;
+    for (int rep = 0; rep < reps; ++rep) {
+      double t_switch = 0.0, t_onednn = 0.0;
+      for (int side = 0; side < 2; ++side) {
+        const bool switch_side = (side == 0) == (rep % 2 == 0);
+        if (cold) bw.push_back(probe.run());  // evicts the weights too
+        const auto start = Clock::now();
+        if (switch_side) {
+          layer.forward(x, switchmoe::Mode::kEval, out);
+          t_switch = seconds_since(start);
+        } else {
+          moe.forward(x, y);
+          t_onednn = seconds_since(start);
+        }
+      }
+      ts.push_back(t_switch);
+      to.push_back(t_onednn);
+      ratio.push_back(t_switch / t_onednn);
+    }
+    Result r{precision,
+             per_thread ? "onednn_per_thread" : "onednn",
+             tokens,
+             shape.experts,
+             shape.d_model,
+             shape.d_ff,
+             reps,
+             cold,
+             median(ts),
+             median(to),
+             median(ratio),
+             bytes,
+             cold ? median(bw) : 0.0,
+             0.0,
+             0.0,
+             max_diff};
+    if (cold) {
+      r.switch_bw = bytes / r.switch_s / r.bandwidth;
+      r.onednn_bw = bytes / r.onednn_s / r.bandwidth;
+    }
+    std::printf(
+        "| %s | %s | %d | %d x %d x %d | %.3f | %.3f | %.3f | %s | %s | %.2g |\n", precision,
+        r.variant.c_str(), tokens, shape.experts, shape.d_model, shape.d_ff, r.switch_s * 1e3,
+        r.onednn_s * 1e3, r.ratio,
+        cold ? (std::to_string(static_cast<int>(100 * r.switch_bw + 0.5)) + "%").c_str() : "-",
+        cold ? (std::to_string(static_cast<int>(100 * r.onednn_bw + 0.5)) + "%").c_str() : "-",
+        max_diff);
+    std::fflush(stdout);
+    results.push_back(r);
+  }
+  std::fprintf(stderr, "oneDNN %s implementation: %s\n", precision, moe.impl().c_str());
+}
+
+std::vector<int> parse_ints(const std::string& s) {
+  std::vector<int> v;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) v.push_back(std::stoi(item));
+  return v;
+}
+
+std::vector<std::string> parse_words(const std::string& s) {
+  std::vector<std::string> v;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) v.push_back(item);
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (arg == "--reps" && has_value) {
+      options.reps = std::stoi(argv[++i]);
+    } else if (arg == "--tokens" && has_value) {
+      options.tokens = parse_ints(argv[++i]);
+    } else if (arg == "--precision" && has_value) {
+      options.precisions = parse_words(argv[++i]);
+    } else if (arg == "--many_experts") {
+      options.many_experts = true;
+    } else if (arg == "--json" && has_value) {
+      options.json = argv[++i];
+    } else {
+      std::fprintf(stderr,
+                   "usage: %s [--reps N] [--tokens 1,8,...] [--precision fp32,bf16] "
+                   "[--many_experts] [--json FILE]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  ReadProbe probe(std::size_t{256} << 20);
+  std::printf(
+      "threads: %d; times are medians in ms; ratio = median of switchmoe / oneDNN per "
+      "repetition; %% bw = touched weight bytes / time / probe read bandwidth\n\n",
+      omp_get_max_threads());
+  std::printf(
+      "| precision | vs | tokens | experts x d_model x d_ff | switchmoe ms | oneDNN ms | "
+      "ratio | switchmoe %% bw | oneDNN %% bw | max abs dy |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::vector<Result> results;
+  const MoeShape shape{768, 3072, 8};
+  for (const std::string& p : options.precisions) {
+    if (p == "fp32") {
+      run_precision<switchmoe::Fp32>("fp32", shape, false, options.tokens, options, probe, results);
+    } else if (p == "bf16") {
+      run_precision<switchmoe::Bf16>("bf16", shape, false, options.tokens, options, probe, results);
+    }
+  }
+  if (options.many_experts) {
+    const MoeShape many{512, 2048, 128};
+    for (const std::string& p : options.precisions) {
+      for (bool per_thread : {false, true}) {
+        if (p == "fp32") {
+          run_precision<switchmoe::Fp32>("fp32", many, per_thread, {2048}, options, probe, results);
+        } else if (p == "bf16") {
+          run_precision<switchmoe::Bf16>("bf16", many, per_thread, {2048}, options, probe, results);
+        }
+      }
+    }
+  }
+  if (!options.json.empty()) {
+    std::FILE* f = std::fopen(options.json.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "cannot write %s\n", options.json.c_str());
+      return 1;
+    }
+    std::fprintf(f, "[\n");
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      const Result& r = results[i];
+      std::fprintf(f,
+                   "  {\"precision\": \"%s\", \"variant\": \"%s\", \"tokens\": %d, \"experts\": "
+                   "%d, \"d_model\": %d, \"d_ff\": %d, \"reps\": %d, \"cold\": %s, "
+                   "\"switchmoe_s\": %.6g, \"onednn_s\": %.6g, \"ratio\": %.4f, \"bytes\": %.6g, "
+                   "\"read_bandwidth\": %.6g, \"switchmoe_bw_fraction\": %.4f, "
+                   "\"onednn_bw_fraction\": %.4f, \"max_abs_diff\": %.3g}%s\n",
+                   r.precision.c_str(), r.variant.c_str(), r.tokens, r.experts, r.d_model, r.d_ff,
+                   r.reps, r.cold ? "true" : "false", r.switch_s, r.onednn_s, r.ratio, r.bytes,
+                   r.bandwidth, r.switch_bw, r.onednn_bw, r.max_diff,
+                   i + 1 < results.size() ? "," : "");
+    }
+    std::fprintf(f, "]\n");
+    std::fclose(f);
+  }
+  std::fprintf(stderr, "probe checksum %g\n", probe.sink());
+  return 0;
+}
