@@ -1,5 +1,5 @@
 # switchmoe::io, the optional checkpoint target (include/switchmoe/io/): the core headers plus
-# nlohmann-json. Included from the top-level CMakeLists.txt after the core target and its tests.
+# nlohmann-json. Included from the top-level CMakeLists.txt after the core target, before its tests.
 #
 #   SWITCHMOE_IO    build and export switchmoe::io (default: on when nlohmann-json is found, and
 #                   always on in a top-level build, where its absence is an error)
