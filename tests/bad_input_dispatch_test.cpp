@@ -120,4 +120,20 @@ TEST(Dispatch, AdjointsMatchTheirDefinitions) {
   EXPECT_LT((dx.cast<double>() - want).cwiseAbs().maxCoeff(), 1e-6);
 }
 
+// A plan whose `row` names one row from two positions would combine that row twice.
+TEST(BadInputDispatch, RowNamedTwiceIsRejected) {
+  Fixture f;
+  DispatchPlan broken = f.plan;
+  int dropped = -1, kept = -1;
+  for (int i = 0; i < static_cast<int>(broken.row.size()); ++i) {
+    if (broken.row[i] < 0 && dropped < 0) dropped = i;
+    if (broken.row[i] >= 0 && kept < 0) kept = i;
+  }
+  ASSERT_GE(dropped, 0) << "the fixture is meant to drop a choice";
+  broken.row[dropped] = broken.row[kept];
+  const Matrix<float> yg = random_matrix(f.plan.num_rows(), 5, 3);
+  Matrix<float> y;
+  EXPECT_THROW_WITH(switchmoe::combine(yg, broken, y), std::invalid_argument, "exactly once");
+}
+
 }  // namespace

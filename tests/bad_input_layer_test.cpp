@@ -205,4 +205,18 @@ TEST(BadInputDenseFFN, RejectsBadInputAndStaleState) {
   EXPECT_THROW_WITH(dense.forward(x, static_cast<Mode>(-1)), std::invalid_argument, "mode is -1");
 }
 
+// A training forward that fails (here: non-finite logits from a non-finite router weight) draws
+// no jitter: after the weight is restored, the next call gives what a fresh layer gives.
+TEST(BadInputSwitchLayer, FailedTrainingForwardDrawsNoJitter) {
+  SwitchConfig c = small_config();
+  c.jitter_eps = 0.1f;
+  SwitchLayer<> layer(c), fresh(c);
+  const Matrix<float> x = random_matrix(8, 6, 1);
+  const float saved = layer.router_weight()(2, 1);
+  layer.router_weight()(2, 1) = kNaN;
+  EXPECT_THROW_WITH(layer.forward(x, Mode::kTrain), std::invalid_argument, "logits");
+  layer.router_weight()(2, 1) = saved;
+  EXPECT_TRUE(SameBits(layer.forward(x, Mode::kTrain).y, fresh.forward(x, Mode::kTrain).y));
+}
+
 }  // namespace

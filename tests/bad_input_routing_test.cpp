@@ -130,4 +130,19 @@ TEST(BadInputRouter, RowStrideBeyondIntIsHandled) {
   EXPECT_TRUE(switchmoe_test::SameBits(got, want));
 }
 
+// A routing that these options could not have made (token choice with k = 1, given to the
+// expert-choice backward, which visits one position per expert) read out of bounds before.
+TEST(BadInputRouteBackward, RoutingMustMatchTheMethod) {
+  RoutingOptions token = options(4, 1);
+  Routing routing = switchmoe::route(random_matrix(6, 4, 1), token, Mode::kTrain);
+  RoutingOptions expert_choice = token;
+  expert_choice.method = switchmoe::RoutingMethod::kExpertChoice;
+  EXPECT_THROW_WITH(
+      switchmoe::route_backward(routing, random_matrix(6, 1, 2), expert_choice, 0.0f, 0.0f),
+      std::invalid_argument, "expert choice: one position per expert");
+  EXPECT_THROW_WITH(
+      switchmoe::route_backward(routing, random_matrix(6, 1, 2), options(4, 2), 0.0f, 0.0f),
+      std::invalid_argument, "routing.expert has shape [6, 1], expected [any, 2]");
+}
+
 }  // namespace

@@ -80,6 +80,8 @@ struct Case {
   bool starve_last_rank = false;  // the last rank's experts receive nothing
   bool zero_first = false;        // rank 0 holds no tokens
   bool eval = false;
+  int shared_d_ff = 0;       // SEMANTICS 16: a replicated shared expert
+  bool shared_gate = false;  // its learned gate
 };
 
 /// Tokens of rank r: unequal counts, several groups, and a rank with none (3 or more ranks,
@@ -107,6 +109,8 @@ SwitchConfig make_config(const Case& c, int ranks) {
   config.expert_dropout = 0.2f;
   config.init_scale = 0.5f;
   config.seed = 1234;
+  config.shared_d_ff = c.shared_d_ff;
+  config.shared_expert_gate = c.shared_gate;
   return config;
 }
 
@@ -256,6 +260,17 @@ void check_equivalence(const Case& c) {
       }
     }
     EXPECT_LT(relative_error(layer.grad_router_weight(), reference.grad_router_weight()), 1e-6);
+    if (c.shared_d_ff > 0) {  // replicated too: summed over every rank's tokens
+      auto& local_layer = layer.layer();
+      EXPECT_LT(relative_error(local_layer.grad_shared_w_in(), reference.grad_shared_w_in()), 1e-6);
+      EXPECT_LT(relative_error(local_layer.grad_shared_w_out(), reference.grad_shared_w_out()),
+                1e-6);
+      if (c.shared_gate) {
+        EXPECT_LT(relative_error(local_layer.grad_shared_gate_weight(),
+                                 reference.grad_shared_gate_weight()),
+                  1e-6);
+      }
+    }
     if (starving) {
       EXPECT_LT(relative_error(layer.grad_router_bias(), reference.grad_router_bias()), 1e-6);
     }
@@ -298,6 +313,16 @@ TEST_F(ExpertParallel, RankWithoutTokensAndStarvedExperts) {
   c.zero_first = true;
   c.starve_last_rank = true;
   c.top_k = 2;
+  check_equivalence<Fp32>(c);
+}
+
+// The shared expert and its gate are replicated like the router: their gradients must be the
+// sums over every rank's tokens, identical on every rank (SEMANTICS 16, 21).
+TEST_F(ExpertParallel, SharedExpertGradientsAreSummedOverRanks) {
+  Case c;
+  c.name = "shared expert with a learned gate";
+  c.shared_d_ff = 8;
+  c.shared_gate = true;
   check_equivalence<Fp32>(c);
 }
 
@@ -372,6 +397,36 @@ TEST_F(BadInput, ConfigThatDiffersBetweenRanks) {
   } else {
     EXPECT_NE(message.find("differs from rank 0"), std::string::npos) << message;
     EXPECT_NE(message.find("rank " + std::to_string(world_size() - 1)), std::string::npos);
+  }
+  EXPECT_EQ(message, rank0(message));
+}
+
+// Options added for rules 15-20 are part of the fingerprint: a rank with bias balancing on
+// would call a collective the others do not.
+TEST_F(BadInput, VariantOptionThatDiffersBetweenRanks) {
+  SwitchConfig config = small_config(world_size());
+  if (world_rank() == world_size() - 1) config.routing.bias_update_rate = 1e-3f;
+  const std::string message =
+      thrown([&] { ExpertParallelSwitchLayer<Fp32> layer(config, MPI_COMM_WORLD); });
+  if (world_size() == 1) {
+    EXPECT_EQ(message, "");
+  } else {
+    EXPECT_NE(message.find("differs from rank 0"), std::string::npos) << message;
+  }
+  EXPECT_EQ(message, rank0(message));
+}
+
+// Training and evaluation calls run different collectives: every rank must call in one mode.
+TEST_F(BadInput, ModeThatDiffersBetweenRanks) {
+  const SwitchConfig config = small_config(world_size());
+  ExpertParallelSwitchLayer<Fp32> layer(config, MPI_COMM_WORLD);
+  const Matrix<float> x = switchmoe_test::random_matrix(4, config.d_model, 3);
+  const Mode mode = world_rank() == world_size() - 1 ? Mode::kEval : Mode::kTrain;
+  const std::string message = thrown([&] { layer.forward(x, mode); });
+  if (world_size() == 1) {
+    EXPECT_EQ(message, "");
+  } else {
+    EXPECT_NE(message.find("mode differs between ranks"), std::string::npos) << message;
   }
   EXPECT_EQ(message, rank0(message));
 }

@@ -143,10 +143,17 @@ inline void check_plan(const DispatchPlan& plan, Eigen::Index tokens) {
            " in plan.row, or lies outside the ", tokens, " tokens");
     }
   }
+  std::size_t kept = 0;
   for (std::size_t i = 0; i < plan.row.size(); ++i) {
     if (plan.row[i] < -1 || plan.row[i] >= static_cast<int>(rows)) {
       fail("plan.row[", i, "] is ", plan.row[i], ", expected in [-1, ", rows, ")");
     }
+    kept += plan.row[i] >= 0;
+  }
+  // Every row is named by its own position (checked above), so more named positions than rows
+  // means some row is named twice and would be combined twice.
+  if (kept != rows) {
+    fail("plan.row names ", kept, " rows, expected each of the ", rows, " rows exactly once");
   }
 }
 

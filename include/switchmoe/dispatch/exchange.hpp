@@ -11,7 +11,7 @@
 //
 // Members a layer relies on (the exchange concept):
 //   int rank(), num_ranks(); int first_expert(E), num_local_experts(E)
-//   std::int64_t begin_call(tokens, error)  collective: agree on errors, return the global
+//   std::int64_t begin_call(tokens, mode, error)  collective: agree on errors, return the global
 //                                           index of this process's first token
 //   max_received_rows(tokens, bound)        the most rows the local experts can receive
 //   void agree(error)                       collective: rethrow one process's error everywhere
@@ -59,10 +59,11 @@ class LocalExchange {
   int first_expert(int /*num_experts*/) const { return 0; }
   int num_local_experts(int num_experts) const { return num_experts; }
 
-  /// Starts a call over `tokens` tokens. `error` is the validation error of this process's
-  /// input (null if valid): it is rethrown (on every process, for a distributed exchange), so
-  /// that no process enters a collective that another one has left.
-  std::int64_t begin_call(Eigen::Index /*tokens*/, const std::exception_ptr& error) {
+  /// Starts a call over `tokens` tokens in `mode`. `error` is the validation error of this
+  /// process's input (null if valid): it is rethrown (on every process, for a distributed
+  /// exchange, which also requires every process to call in the same mode), so that no process
+  /// enters a collective that another one has left.
+  std::int64_t begin_call(Eigen::Index /*tokens*/, Mode /*mode*/, const std::exception_ptr& error) {
     agree(error);
     return 0;
   }

@@ -57,6 +57,8 @@ std::uint64_t fingerprint(const SwitchConfig& c) {
   f.add(r.num_experts).add(r.top_k).add(r.capacity_factor).add(r.eval_capacity_factor);
   f.add(r.expert_capacity).add(r.min_capacity).add(r.group_size).add(r.priority);
   f.add(r.dropless).add(r.renormalize);
+  f.add(r.method).add(r.score).add(r.routed_scaling).add(r.random_second_choice);
+  f.add(r.bias_update_rate).add(c.shared_d_ff).add(c.shared_expert_gate);
   return f.value();
 }
 

@@ -70,6 +70,16 @@ inline void broadcast_parameters(const std::vector<ParameterRef>& params, MPI_Co
     }
   }
   const int size = detail::mpi_size(comm);
+  // Like MPI_Bcast, every rank passes the same root: a root out of range fails on every rank,
+  // before any collective.
+  if (root < 0 || root >= size) {
+    detail::fail("broadcast_parameters: root is ", root, ", expected in [0, ", size, ")");
+  }
+  // Like MPI_Bcast, every rank passes the same root: a root out of range fails on every rank,
+  // before any collective.
+  if (root < 0 || root >= size) {
+    detail::fail("broadcast_parameters: root is ", root, ", expected in [0, ", size, ")");
+  }
   std::vector<std::uint64_t> all(static_cast<std::size_t>(size));
   MPI_Allgather(&shapes, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, comm);
   for (int r = 0; r < size; ++r) {

@@ -54,7 +54,7 @@ class MpiExchange {
     }
     local_ = num_experts / size_;
     const std::size_t p = static_cast<std::size_t>(size_);
-    call_.resize(2 * p);
+    call_.resize(3 * p);
     losses_.resize(4 * p);
     send_expert_counts_.resize(static_cast<std::size_t>(num_experts));
     recv_expert_counts_.resize(static_cast<std::size_t>(num_experts));
@@ -129,19 +129,27 @@ class MpiExchange {
   std::int64_t total_tokens() const { return total_tokens_; }
 
   /// Collective: agrees on the ranks' validation errors (every rank throws the first failing
-  /// rank's message) and returns the global index of this rank's first token: the exclusive
-  /// scan of the token counts in rank order. One MPI_Allgather.
-  std::int64_t begin_call(Eigen::Index tokens, const std::exception_ptr& error) {
-    const std::int64_t mine[2] = {error ? 1 : 0, static_cast<std::int64_t>(tokens)};
-    MPI_Allgather(mine, 2, MPI_INT64_T, call_.data(), 2, MPI_INT64_T, comm_);
+  /// rank's message) and on the mode (training and evaluation calls run different collectives),
+  /// and returns the global index of this rank's first token: the exclusive scan of the token
+  /// counts in rank order. One MPI_Allgather.
+  std::int64_t begin_call(Eigen::Index tokens, Mode mode, const std::exception_ptr& error) {
+    const std::int64_t mine[3] = {error ? 1 : 0, static_cast<std::int64_t>(tokens),
+                                  static_cast<std::int64_t>(mode)};
+    MPI_Allgather(mine, 3, MPI_INT64_T, call_.data(), 3, MPI_INT64_T, comm_);
     for (int r = 0; r < size_; ++r) {
-      if (call_[2 * r] != 0) detail::throw_agreed(comm_, r, error);
+      if (call_[3 * r] != 0) detail::throw_agreed(comm_, r, error);
+    }
+    for (int r = 1; r < size_; ++r) {
+      if (call_[3 * r + 2] != call_[2]) {
+        detail::fail("mode differs between ranks: rank 0 calls with Mode(", call_[2], "), rank ", r,
+                     " with Mode(", call_[3 * r + 2], "); every rank must call in the same mode");
+      }
     }
     std::int64_t first = 0;
     total_tokens_ = 0;
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) first = total_tokens_;
-      total_tokens_ += call_[2 * r + 1];
+      total_tokens_ += call_[3 * r + 1];
     }
     return first;
   }
@@ -152,7 +160,7 @@ class MpiExchange {
   Eigen::Index max_received_rows(Eigen::Index /*tokens*/,
                                  const RowsForTokens& rows_for_tokens) const {
     Eigen::Index most = 0;
-    for (int r = 0; r < size_; ++r) most += rows_for_tokens(call_[2 * r + 1]);
+    for (int r = 0; r < size_; ++r) most += rows_for_tokens(call_[3 * r + 1]);
     return most;
   }
 
@@ -480,7 +488,7 @@ class MpiExchange {
   int row_type_cols_ = -1;
   std::int64_t total_tokens_ = 0;
   int positions_ = 1;               // choice positions per token of the current routing (top_k)
-  std::vector<std::int64_t> call_;  // [ranks * 2] error flag and token count of each rank
+  std::vector<std::int64_t> call_;  // [ranks * 3] error flag, token count and mode of each rank
   std::vector<double> losses_;      // [ranks * 4] aux * groups, z * tokens, groups, tokens
   std::vector<double> stats_;       // [(ranks + 1) * (2 E + 7)] packed statistics
   RoutingStats merged_;

@@ -22,6 +22,7 @@ class SharedExpertGate {
   /// `learned` false: s = 1 and no parameter. w_s is initialized as rule 11 says.
   SharedExpertGate(int d_model, bool learned, float init_scale, std::uint64_t seed)
       : learned_(learned),
+        d_model_(d_model),
         weight_(learned ? d_model : 0, 1),
         grad_weight_(Matrix<float>::Zero(learned ? d_model : 0, 1)) {
     if (learned) truncated_normal_init(weight_, init_scale, d_model, seed, kSubstream);
@@ -30,7 +31,8 @@ class SharedExpertGate {
   bool learned() const { return learned_; }
   Matrix<float>& weight() { return weight_; }  // [d_model, 1]
   Matrix<float>& grad_weight() { return grad_weight_; }
-  void zero_grad() { grad_weight_.setZero(); }
+  /// Zeroes the gradient, restoring its configured shape if a caller resized it.
+  void zero_grad() { grad_weight_.setZero(learned_ ? d_model_ : 0, 1); }
 
   /// prefix + "gate_weight" (owner kShared), if learned.
   void append_parameters(const std::string& prefix, std::vector<ParameterRef>& out) {
@@ -101,6 +103,7 @@ class SharedExpertGate {
   static constexpr std::uint64_t kSubstream = std::uint64_t{1} << 42;  // apart from the experts'
 
   bool learned_ = false;
+  int d_model_ = 0;
   detail::RowBuffer<float> x_;  // [tokens, d_model] input of the last training forward
   Matrix<float> weight_;        // [d_model, 1] w_s
   Matrix<float> grad_weight_;   // [d_model, 1]

@@ -105,9 +105,16 @@ std::vector<CheckpointTensor> checkpoint_tensors(Layer& layer, WeightNames names
     if (config.expert_bias) {
       no_such_names(names, "SwitchLayer with expert_bias", "Hugging Face experts have no bias");
     }
-    if (!layer.buffers().empty()) {
-      no_such_names(names, "SwitchLayer with buffers",
-                    "Hugging Face names hold no layer state besides the weights");
+    // Hugging Face names hold no layer state besides the weights: a balancing bias (SEMANTICS
+    // 19) in use, or a shared expert (SEMANTICS 16), would be lost on save and left at its
+    // initial value on load.
+    if (config.routing.bias_update_rate != 0.0f || (layer.balancing_bias().array() != 0.0f).any()) {
+      no_such_names(names, "SwitchLayer with bias balancing (SEMANTICS 19)",
+                    "Hugging Face names hold no balancing bias");
+    }
+    if (config.shared_d_ff > 0) {
+      no_such_names(names, "SwitchLayer with a shared expert (SEMANTICS 16)",
+                    "neither SwitchTransformers nor Mixtral names have one");
     }
     const int first = layer.exchange().first_expert(layer.num_experts());
     const int local = layer.exchange().num_local_experts(layer.num_experts());

@@ -189,8 +189,11 @@ class SwitchLayer {
   }
 
   /// As above, into `out`, reusing its storage: once the layer and `out` have seen a call with
-  /// as many tokens, a call allocates nothing. On a throw the layer is as before the call (a
-  /// following backward raises "no preceding training forward").
+  /// as many tokens, a call allocates nothing. `x` must not alias `out.y`. On invalid input
+  /// (shapes, non-finite values, resized parameters) the layer is as before the call; after any
+  /// throw a following backward raises "no preceding training forward". An exception from
+  /// inside the computation (std::bad_alloc, a user activation) leaves the call's outputs
+  /// unspecified and may have advanced the dropout stream.
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
     has_forward_ = false;
     std::exception_ptr error;
@@ -201,18 +204,20 @@ class SwitchLayer {
     } catch (...) {
       error = std::current_exception();
     }
-    first_token_ = exchange_.begin_call(x.rows(), error);
+    first_token_ = exchange_.begin_call(x.rows(), mode, error);
+    const std::uint64_t jitter_calls = router_.jitter_calls();
     try {
       router_.forward(x, mode, out.routing.logits, first_token_);
       scheme_.route(out.routing.logits, mode, first_token_, out.routing);
     } catch (...) {
       error = std::current_exception();
+      router_.set_jitter_calls(jitter_calls);  // the failed call draws nothing
     }
     exchange_.agree(error);  // e.g. non-finite logits from a non-finite router weight
     exchange_.reduce_losses(out.routing, loss_scale_);
-    scheme_.end_route(out.routing, mode, exchange_);  // e.g. state updated from global loads
     scheme_.plan(out.routing, plan_);
     apply_experts(x, mode, out.y);
+    scheme_.end_route(out.routing, mode, exchange_);  // e.g. state updated from global loads
     detail::routing_stats_unchecked(out.routing, num_experts(), out.stats);
     exchange_.reduce_stats(out.stats);
     out.loss = scheme_.loss(out.routing);
@@ -234,7 +239,7 @@ class SwitchLayer {
     } catch (...) {
       error = std::current_exception();
     }
-    first_token_ = exchange_.begin_call(x.rows(), error);
+    first_token_ = exchange_.begin_call(x.rows(), Mode::kEval, error);
     Matrix<float> y;
     apply_experts(x, Mode::kEval, y);
     return y;
@@ -265,6 +270,9 @@ class SwitchLayer {
       error = std::current_exception();
     }
     exchange_.agree(error);
+    // Replicated parameters (the router, the shared expert and its gate) get this call's
+    // gradient summed over processes: everything they accumulate from here on is included.
+    exchange_.begin_replicated_backward(router_parameters_);
     const Eigen::Index rows = plan_.num_rows();
     const int d_model = config_.d_model;
     // Combine backward: dyg[r] = gate[r] * dy[t]; dgate[r] = dy[t] . yg[r] (kept rows only).
@@ -287,7 +295,6 @@ class SwitchLayer {
     }
     exchange_.return_input_gradient(dxg_);
     scheme_.backward(routing_, plan_, dgate_rows_, loss_scale_, dlogits_);
-    exchange_.begin_replicated_backward(router_parameters_);
     router_.backward(dlogits_, dx);  // [tokens, d_model]
     if (experts_.has_shared()) {
       // SEMANTICS 16: the shared FFN ran on every token; its input gradient and the learned

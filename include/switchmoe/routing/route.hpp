@@ -398,6 +398,22 @@ inline void route_backward(const Routing& routing, const Eigen::Ref<const Matrix
   detail::check_shape("routing.probs", routing.probs, routing.expert.rows(), options.num_experts);
   detail::check_shape("routing.logits", routing.logits, routing.expert.rows(), options.num_experts);
   detail::check_shape("dgate", dgate, routing.expert.rows(), routing.expert.cols());
+  // The routing must be one these options make: k choices per token, or (expert choice,
+  // SEMANTICS 17) one position per expert, position c being expert c.
+  if (options.method == RoutingMethod::kExpertChoice) {
+    detail::check_shape("routing.expert (expert choice: one position per expert)", routing.expert,
+                        -1, options.num_experts);
+    for (Eigen::Index t = 0; t < routing.expert.rows(); ++t) {
+      for (Eigen::Index c = 0; c < routing.expert.cols(); ++c) {
+        if (routing.expert(t, c) != c) {
+          detail::fail("routing.expert(", t, ", ", c, ") is ", routing.expert(t, c), ", expected ",
+                       c, " (expert choice: position c is expert c)");
+        }
+      }
+    }
+  } else {
+    detail::check_shape("routing.expert", routing.expert, -1, options.top_k);
+  }
   detail::check_finite("dgate", dgate);
   detail::check_coefficient("aux_coef", aux_coef);
   detail::check_coefficient("z_coef", z_coef);

@@ -71,14 +71,21 @@ class RoutingScheme {
     context.second_choice = draw ? &second_choice : nullptr;
     context.first_token = first_token;
     detail::route_validated(logits, options_, mode, routing, context);
-    if (draw) ++train_calls_;
   }
+
+  /// The position of the second-choice stream (SEMANTICS 18): training calls so far. Kept by
+  /// checkpoints that resume training exactly.
+  std::uint64_t second_choice_calls() const { return train_calls_; }
+  void set_second_choice_calls(std::uint64_t calls) { train_calls_ = calls; }
 
   /// After the losses were made global (SEMANTICS 19): in a training call with
   /// bias_update_rate u > 0, b_e += u * sign(mean load - load_e), load_e the choices of expert
   /// e before capacity in this call summed over all processes (exchange.sum).
   template <class ExchangeT>
   void end_route(const Routing& routing, Mode mode, ExchangeT& exchange) {
+    // The call succeeded on every process: only now does the second-choice stream move on, so
+    // a call that failed anywhere leaves every process's stream where it was.
+    if (mode == Mode::kTrain && options_.random_second_choice) ++train_calls_;
     if (mode != Mode::kTrain || options_.bias_update_rate == 0.0f) return;
     const int experts = options_.num_experts;
     load_.assign(static_cast<std::size_t>(experts), 0.0);
