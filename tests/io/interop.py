@@ -18,6 +18,10 @@ each tensor's raw little-endian bytes, row-major, at its data_offsets.
                                    output in DIR/hf_sharded_io.safetensors
     interop.py check-sharded DIR   checks the shards and index in DIR/cpp_sharded/ (written by
                                    the C++ side) against DIR/cpp_sharded.json, bit for bit
+    interop.py write-mixtral DIR   writes DIR/hf_mixtral_{F32,BF16}.safetensors: a small Mixtral
+                                   sparse MoE block (SwiGLU experts, top-2) under Hugging Face
+                                   names, an input, the output numpy computes for it and the
+                                   error bound of a bfloat16 layer
     interop.py corpus DIR          writes the fuzzer's seed corpus: valid and broken files
 """
 
@@ -373,6 +377,95 @@ def check_sharded(folder):
     return 1 if problems else 0
 
 
+MIXTRAL_PREFIX = "model.layers.0.block_sparse_moe."
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16 keeps 8 significant bits; round to nearest
+
+
+def silu(z):
+    return z / (1.0 + np.exp(-z))
+
+
+def mixtral_block(x, gate, w1, w3, w2, top_k, rounded_weights):
+    """HF MixtralSparseMoeBlock: router logits x gate^T, softmax in float32, top-k, the k weights
+    renormalized to sum 1, each expert (silu(x w1^T) * (x w3^T)) w2^T; no capacity, no biases.
+
+    x [tokens, d_model]; gate [E, d_model]; w1[e], w3[e] [d_ff, d_model]; w2[e] [d_model, d_ff]
+    (torch layouts). Returns (y [tokens, d_model] float64; the bound on |y_bf16 - y| of a layer
+    that rounds its expert inputs and hidden activations to bfloat16 (and its weights, when
+    `rounded_weights`) and accumulates in float32; the smallest gap between the k-th and the
+    (k+1)-th probability of a token).
+
+    The bound is first order in the unit roundoff u: an input rounded to x(1 + d), |d| <= u,
+    moves a = w1 x by at most u |w1| |x| (2u with w1 rounded too), likewise b = w3 x; then
+    h = silu(a) b moves by |silu'(a)| |b| da + |silu(a)| db, silu' being at most 1.1, plus u |h|
+    for rounding h; y = sum of g w2 h moves by g (|w2| dh + [u |w2| |h|]). Times 1.25 for the
+    second-order terms (O(u^2)) and float32 accumulation (O(d_ff 2^-24)), both far smaller.
+    """
+    logits = x.astype(np.float32) @ gate.astype(np.float32).T
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = (np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)).astype(np.float32)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    ordered = np.take_along_axis(probs, order, axis=1)
+    margin = float((ordered[:, top_k - 1] - ordered[:, top_k]).min())
+    u = BF16_UNIT_ROUNDOFF
+    w_u = u if rounded_weights else 0.0
+    y = np.zeros(x.shape, dtype=np.float64)
+    bound = np.zeros(x.shape, dtype=np.float64)
+    for t in range(x.shape[0]):
+        chosen = order[t, :top_k]
+        weights = probs[t, chosen] / probs[t, chosen].sum()  # float32, as HF computes it
+        xt = x[t].astype(np.float64)
+        for e, g in zip(chosen, weights.astype(np.float64)):
+            w1e, w3e, w2e = (w[e].astype(np.float64) for w in (w1, w3, w2))
+            a, b = w1e @ xt, w3e @ xt
+            h = silu(a) * b
+            y[t] += g * (w2e @ h)
+            da = (u + w_u) * (np.abs(w1e) @ np.abs(xt))
+            db = (u + w_u) * (np.abs(w3e) @ np.abs(xt))
+            dh = 1.1 * np.abs(b) * da + np.abs(silu(a)) * db + u * np.abs(h)
+            bound[t] += g * (np.abs(w2e) @ dh + w_u * (np.abs(w2e) @ np.abs(h)))
+    return y, 1.25 * bound, margin
+
+
+def mixtral_case():
+    """A small Mixtral block: (x, gate, w1, w3, w2, top_k), E=4, top-2, d_model 8, d_ff 12."""
+    d_model, d_ff, experts, tokens, top_k = 8, 12, 4, 10, 2
+    # Seeds are tried in order until every token's top-2 set is clear (the 2nd and 3rd
+    # probabilities apart), so float32 rounding differences cannot change a choice.
+    for seed in range(100):
+        rng = np.random.default_rng(5000 + seed)
+        x = rng.normal(0, 1, (tokens, d_model)).astype(np.float32)
+        gate = rng.normal(0, 0.8, (experts, d_model)).astype(np.float32)
+        w1 = rng.normal(0, 0.4, (experts, d_ff, d_model)).astype(np.float32)
+        w3 = rng.normal(0, 0.4, (experts, d_ff, d_model)).astype(np.float32)
+        w2 = rng.normal(0, 0.4, (experts, d_model, d_ff)).astype(np.float32)
+        margins = [mixtral_block(x, *(stored_values(dtype, m) for m in (gate, w1, w3, w2)),
+                                 top_k, False)[2] for dtype in ("F32", "BF16")]
+        if min(margins) > 1e-3:
+            return x, gate, w1, w3, w2, top_k
+    raise RuntimeError("no seed gives clear choices")
+
+
+def write_mixtral(folder):
+    x, gate, w1, w3, w2, top_k = mixtral_case()
+    (experts, d_ff, d_model) = w1.shape
+    for dtype in ("F32", "BF16"):
+        g, a, b, c = (stored_values(dtype, m) for m in (gate, w1, w3, w2))
+        y, bound, _ = mixtral_block(x, g, a, b, c, top_k, rounded_weights=dtype == "F32")
+        tensors = [(MIXTRAL_PREFIX + "gate.weight", dtype, gate.shape, encode(dtype, gate)[1])]
+        for e in range(experts):
+            p = MIXTRAL_PREFIX + "experts.%d." % e
+            for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+                tensors.append((p + name + ".weight", dtype, w[e].shape, encode(dtype, w[e])[1]))
+        for name, value in (("input", x), ("expected.mixtral", y), ("tolerance.bf16", bound)):
+            tensors.append((name, "F32", value.shape, encode("F32", value)[1]))
+        metadata = {"format": "pt", "d_model": str(d_model), "d_ff": str(d_ff),
+                    "num_experts": str(experts), "top_k": str(top_k)}
+        with open(os.path.join(folder, "hf_mixtral_%s.safetensors" % dtype), "wb") as f:
+            f.write(build_file(tensors, metadata))
+    return 0
+
+
 def stored_values(dtype, values):
     """float32 `values` as a reader gets them back from `dtype` storage."""
     stored, _ = encode(dtype, values)
@@ -421,7 +514,8 @@ def write_corpus(folder):
 def main(argv):
     commands = {"write-tensors": write_tensors, "check-tensors": check_tensors,
                 "write-switch": write_switch, "write-sharded": write_sharded,
-                "check-sharded": check_sharded, "corpus": write_corpus}
+                "check-sharded": check_sharded, "write-mixtral": write_mixtral,
+                "corpus": write_corpus}
     if len(argv) != 3 or argv[1] not in commands:
         print(__doc__, file=sys.stderr)
         return 2

@@ -210,6 +210,63 @@ TEST_F(Interop, HuggingFaceShardedSwitchComputesNumpysOutputs) {
   }
 }
 
+// A Mixtral sparse MoE block written by interop.py under Hugging Face names (F32 and BF16
+// weights) with the output numpy computed following HF's MixtralSparseMoeBlock (softmax in
+// float32, top-2, renormalized, SwiGLU experts, no capacity). Loaded into SwitchLayer<Fp32,
+// SwiGlu> it matches within 1e-5; into SwitchLayer<Bf16, SwiGlu> (bfloat16 expert inputs,
+// hidden activations and weights) within the first-order rounding bound numpy derived per
+// element. A gate/up (w1/w3) swap moves most elements far past either tolerance.
+template <class Layer>
+void expect_mixtral_outputs(const SafetensorsReader& reader, bool bf16_layer) {
+  const auto& meta = reader.metadata();
+  switchmoe::SwitchConfig config;
+  config.d_model = std::stoi(meta.at("d_model"));
+  config.d_ff = std::stoi(meta.at("d_ff"));
+  config.routing.num_experts = std::stoi(meta.at("num_experts"));
+  config.routing.top_k = std::stoi(meta.at("top_k"));
+  config.routing.dropless = true;     // Mixtral has no capacity
+  config.routing.renormalize = true;  // the top-2 weights sum to 1 (SEMANTICS 4)
+  config.jitter_eps = 0.0f;
+  config.seed = 31;
+  Layer layer(config);
+  switchmoe::load_weights(reader, layer, switchmoe::WeightNames::kHuggingFaceMixtral,
+                          "model.layers.0.block_sparse_moe.");
+  const Matrix<float> x = reader.tensor("input");                    // [tokens, d_model]
+  const Matrix<float> expected = reader.tensor("expected.mixtral");  // [tokens, d_model]
+  const Matrix<float> tolerance = reader.tensor("tolerance.bf16");   // [tokens, d_model]
+  const auto out = layer.forward(x, switchmoe::Mode::kEval);
+  ASSERT_EQ(out.y.rows(), expected.rows());
+  ASSERT_EQ(out.y.cols(), expected.cols());
+  const float scale = expected.cwiseAbs().maxCoeff();
+  EXPECT_GT(scale, 0.1f);
+  EXPECT_EQ(out.stats.kept_choices, config.routing.top_k * x.rows());  // dropless
+  for (Eigen::Index t = 0; t < x.rows(); ++t) {
+    for (Eigen::Index j = 0; j < x.cols(); ++j) {
+      const float allowed = bf16_layer ? tolerance(t, j) : 1e-5f * scale;
+      EXPECT_LE(std::abs(out.y(t, j) - expected(t, j)), allowed) << "token " << t << " dim " << j;
+    }
+  }
+}
+
+TEST_F(Interop, HuggingFaceMixtralFilesComputeNumpysOutputs) {
+  ASSERT_EQ(python("write-mixtral"), 0);
+  for (const std::string dtype : {"F32", "BF16"}) {
+    SCOPED_TRACE(dtype);
+    const SafetensorsReader reader(path("hf_mixtral_" + dtype + ".safetensors"));
+    EXPECT_EQ(reader.dtype("model.layers.0.block_sparse_moe.experts.3.w3.weight"), dtype);
+    {
+      SCOPED_TRACE("SwitchLayer<Fp32, SwiGlu>");
+      expect_mixtral_outputs<switchmoe::SwitchLayer<switchmoe::Fp32, switchmoe::SwiGlu>>(reader,
+                                                                                         false);
+    }
+    {
+      SCOPED_TRACE("SwitchLayer<Bf16, SwiGlu>");
+      expect_mixtral_outputs<switchmoe::SwitchLayer<switchmoe::Bf16, switchmoe::SwiGlu>>(reader,
+                                                                                         true);
+    }
+  }
+}
+
 // write_sharded's shards and index, read by interop.py: every tensor in the shard the index
 // names and in no other, total_size right, every element bit for bit.
 TEST_F(Interop, PythonChecksCppWrittenShards) {
@@ -220,10 +277,13 @@ TEST_F(Interop, PythonChecksCppWrittenShards) {
   config.router_bias = true;
   config.seed = 7;
   switchmoe::SwitchLayer<> layer(config);
+  layer.balancing_bias() << 0.5f, -0.25f, 0.0f, 1e-3f, -2.0f;  // a buffer, saved too
   SafetensorsWriter writer;
   switchmoe::save_weights(writer, layer, switchmoe::WeightNames::kSwitchmoe, "layers.3.");
   nlohmann::json manifest = nlohmann::json::object();
-  for (const auto& p : layer.parameters()) {
+  auto tensors = layer.parameters();
+  for (const auto& p : layer.buffers()) tensors.push_back(p);
+  for (const auto& p : tensors) {
     std::vector<std::uint32_t> bits;
     for (Eigen::Index i = 0; i < p.value->size(); ++i) bits.push_back(bits_of(p.value->data()[i]));
     manifest["layers.3." + p.name] = {{"shape", {p.value->rows(), p.value->cols()}},

@@ -12,6 +12,7 @@
 #include <string>
 #include <switchmoe/io/safetensors.hpp>
 #include <switchmoe/switchmoe.hpp>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -51,17 +52,26 @@ bool bitwise_equal(const Matrix<float>& a, const Matrix<float>& b) {
          (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
 }
 
-// Copies of every parameter's value, in parameters() order.
+// Every parameter and (for SwitchLayer) buffer, by value, in parameters() then buffers() order.
+template <class Layer>
+std::vector<switchmoe::ParameterRef> state(Layer& layer) {
+  std::vector<switchmoe::ParameterRef> out = layer.parameters();
+  if constexpr (!std::is_same_v<Layer, DenseFFN<>>) {
+    for (const auto& p : layer.buffers()) out.push_back(p);
+  }
+  return out;
+}
+
 template <class Layer>
 std::vector<Matrix<float>> snapshot(Layer& layer) {
   std::vector<Matrix<float>> out;
-  for (const auto& p : layer.parameters()) out.push_back(*p.value);
+  for (const auto& p : state(layer)) out.push_back(*p.value);
   return out;
 }
 
 template <class Layer>
 void expect_parameters(Layer& layer, const std::vector<Matrix<float>>& expected) {
-  const auto parameters = layer.parameters();
+  const auto parameters = state(layer);
   ASSERT_EQ(parameters.size(), expected.size());
   for (std::size_t i = 0; i < expected.size(); ++i) {
     EXPECT_TRUE(bitwise_equal(*parameters[i].value, expected[i])) << parameters[i].name;
@@ -213,7 +223,7 @@ TEST(SaveWeights, RefusesWhatTheNamesCannotHoldAndLeavesTheWriterAsItWas) {
 template <class Edit>
 SafetensorsReader edited_checkpoint(SwitchLayer<>& source, Edit edit) {
   SafetensorsWriter writer;
-  for (const auto& p : source.parameters()) {
+  for (const auto& p : state(source)) {
     Matrix<float> value = *p.value;
     std::string dtype = "F32";
     if (!edit(p.name, value, dtype)) continue;
@@ -256,10 +266,20 @@ TEST(LoadWeights, StrongGuaranteeOnEveryKindOfBadTensor) {
          if (name == "router.bias") v(0, 3) = std::numeric_limits<float>::infinity();
          return true;
        }},
+      {"missing balancing bias", true,
+       [](const std::string& name, Matrix<float>&, std::string&) {
+         return name != "routing.balancing_bias";
+       }},
+      {"balancing bias of another E", false,
+       [](const std::string& name, Matrix<float>& v, std::string&) {
+         if (name == "routing.balancing_bias") v = Matrix<float>::Zero(1, 5);
+         return true;
+       }},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
     SwitchLayer<> target(switch_config(12, true));
+    target.balancing_bias() << 0.125f, 0.0f, -0.5f, 0.25f;
     const Matrix<float> before_y = target.forward(x, Mode::kEval).y;
     const auto before = snapshot(target);
     const SafetensorsReader reader = edited_checkpoint(source, c.edit);
@@ -311,7 +331,7 @@ TEST(LoadWeights, Accepts1dOr2dBiasesAndF16Files) {
   SwitchLayer<> source(switch_config(21, true));
   for (int e = 0; e < 4; ++e) source.b_in(e).setConstant(0.5f * e);
   SafetensorsWriter writer;
-  for (const auto& p : source.parameters()) {
+  for (const auto& p : state(source)) {
     if (p.value->rows() == 1) {
       writer.add(p.name, *p.value, "F16", {p.value->cols()});  // 1-D, half precision
     } else {
@@ -324,6 +344,62 @@ TEST(LoadWeights, Accepts1dOr2dBiasesAndF16Files) {
     EXPECT_EQ(target.b_in(e), Matrix<float>::Constant(1, 12, 0.5f * e));
     EXPECT_EQ(target.w_in(e), source.w_in(e));
   }
+}
+
+// SEMANTICS 19: the balancing bias is layer state, saved under switchmoe's names as the buffer
+// "routing.balancing_bias" [1, E]. A layer trained with bias_update_rate > 0 (so its bias moved
+// away from zero) round-trips bitwise, and the loaded layer continues training exactly as the
+// original: same outputs, same bias updates.
+TEST(BalancingBias, SavedAndRestoredUnderSwitchmoeNames) {
+  SwitchConfig config = switch_config(31, false);
+  config.routing.top_k = 2;
+  config.routing.bias_update_rate = 1e-2f;
+  config.jitter_eps = 0.0f;  // the jitter stream's position is not layer state
+  SwitchLayer<> trained(config);
+  const Matrix<float> x = input(24, 8);  // [tokens, d_model]
+  for (int step = 0; step < 5; ++step) {
+    const auto out = trained.forward(x, Mode::kTrain);
+    trained.zero_grad();
+    trained.backward(Matrix<float>::Constant(out.y.rows(), out.y.cols(), 0.1f));
+    for (const auto& p : trained.parameters()) *p.value -= 0.05f * *p.grad;  // SGD
+  }
+  // The training steps moved the bias (each step moves each entry by 0 or +-u).
+  const Matrix<float> bias = trained.balancing_bias();  // [1, E]
+  ASSERT_GT(bias.cwiseAbs().maxCoeff(), 0.0f);
+
+  SafetensorsWriter writer;
+  switchmoe::save_weights(writer, trained, WeightNames::kSwitchmoe, "layers.2.mlp.");
+  const SafetensorsReader reader = reread(writer);
+  ASSERT_TRUE(reader.contains("layers.2.mlp.routing.balancing_bias"));
+  EXPECT_EQ(reader.shape("layers.2.mlp.routing.balancing_bias"), (std::vector<std::int64_t>{1, 4}));
+  EXPECT_TRUE(bitwise_equal(reader.tensor("layers.2.mlp.routing.balancing_bias"), bias));
+
+  SwitchLayer<> loaded(config);
+  ASSERT_EQ(loaded.balancing_bias(), Matrix<float>::Zero(1, 4));
+  switchmoe::load_weights(reader, loaded, WeightNames::kSwitchmoe, "layers.2.mlp.");
+  expect_parameters(loaded, snapshot(trained));
+  EXPECT_TRUE(bitwise_equal(loaded.balancing_bias(), bias));
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE(step);
+    const auto a = trained.forward(x, Mode::kTrain);
+    const auto b = loaded.forward(x, Mode::kTrain);
+    EXPECT_TRUE(bitwise_equal(a.y, b.y));
+    EXPECT_TRUE(bitwise_equal(trained.balancing_bias(), loaded.balancing_bias()));
+  }
+  // Loading the same weights without the bias would choose differently: the bias matters here.
+  SwitchLayer<> unbiased(config);
+  switchmoe::load_weights(reader, unbiased, WeightNames::kSwitchmoe, "layers.2.mlp.");
+  unbiased.balancing_bias().setZero();
+  SwitchLayer<> restored(config);
+  switchmoe::load_weights(reader, restored, WeightNames::kSwitchmoe, "layers.2.mlp.");
+  EXPECT_FALSE(
+      bitwise_equal(unbiased.forward(x, Mode::kEval).y, restored.forward(x, Mode::kEval).y));
+
+  // Hugging Face names cannot hold it: a non-zero bias is refused rather than lost.
+  SafetensorsWriter hf;
+  EXPECT_THROW(switchmoe::save_weights(hf, trained, WeightNames::kHuggingFaceSwitch, "p."),
+               std::invalid_argument);
+  EXPECT_TRUE(reread(hf).names().empty());
 }
 
 }  // namespace

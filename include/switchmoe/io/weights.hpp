@@ -11,7 +11,10 @@
 //                       transposed on save and on load.
 //   kHuggingFaceMixtral "gate.weight" [E, d_model], "experts.<e>.w1.weight" (W_gate),
 //                       "w3" (W_in) [d_ff, d_model], "w2" (W_out) [d_model, d_ff]; gated experts
-//                       only (SEMANTICS 15).
+//                       only (SEMANTICS 15), e.g. SwitchLayer<Fp32, SwiGlu>.
+//   Neither Hugging Face set has a name for the layer's buffers (SEMANTICS 19's balancing bias):
+//   saving refuses a non-zero bias (it would be lost), loading sets it to zero; a shared expert
+//   or expert biases are refused.
 //
 // Loading has the strong guarantee: every tensor is found and checked (shape against the layer,
 // a float dtype, finite values) and read before the first weight changes, so on any error the
@@ -28,6 +31,7 @@
 
 #include "switchmoe/core/parameter.hpp"
 #include "switchmoe/core/types.hpp"
+#include "switchmoe/experts/activation.hpp"
 #include "switchmoe/io/safetensors_reader.hpp"
 #include "switchmoe/io/safetensors_writer.hpp"
 
@@ -63,12 +67,14 @@ template <class Layer>
 struct IsSwitchLayer<Layer, std::void_t<decltype(std::declval<Layer&>().router_weight())>>
     : std::true_type {};
 
-// Gated experts (SEMANTICS 15) have a third matrix per expert, w_gate(e) [d_model, d_ff].
+// Gated experts (SEMANTICS 15) have a third matrix per expert, w_gate(e) [d_model, d_ff]. The
+// accessor exists on every SwitchLayer (it throws unless the activation is gated), so the test is
+// on the activation itself.
 template <class Layer, class = void>
 struct HasGatedExperts : std::false_type {};
 template <class Layer>
-struct HasGatedExperts<Layer, std::void_t<decltype(std::declval<Layer&>().w_gate(0))>>
-    : std::true_type {};
+struct HasGatedExperts<Layer, std::void_t<typename Layer::ActivationType>>
+    : IsGated<typename Layer::ActivationType> {};
 
 template <class Layer>
 void append_own_names(Layer& layer, const std::string& prefix, std::vector<CheckpointTensor>& out) {
@@ -105,17 +111,12 @@ std::vector<CheckpointTensor> checkpoint_tensors(Layer& layer, WeightNames names
     if (config.expert_bias) {
       no_such_names(names, "SwitchLayer with expert_bias", "Hugging Face experts have no bias");
     }
-    // Hugging Face names hold no layer state besides the weights: a balancing bias (SEMANTICS
-    // 19) in use, or a shared expert (SEMANTICS 16), would be lost on save and left at its
-    // initial value on load.
-    if (config.routing.bias_update_rate != 0.0f || (layer.balancing_bias().array() != 0.0f).any()) {
-      no_such_names(names, "SwitchLayer with bias balancing (SEMANTICS 19)",
-                    "Hugging Face names hold no balancing bias");
-    }
     if (config.shared_d_ff > 0) {
-      no_such_names(names, "SwitchLayer with a shared expert (SEMANTICS 16)",
-                    "neither SwitchTransformers nor Mixtral names have one");
+      no_such_names(names, "SwitchLayer with a shared expert",
+                    "the Hugging Face names of SEMANTICS 22 have no shared expert (SEMANTICS 16)");
     }
+    // The layer's buffers (SEMANTICS 19's balancing bias) have no Hugging Face name: see
+    // unnamed_state().
     const int first = layer.exchange().first_expert(layer.num_experts());
     const int local = layer.exchange().num_local_experts(layer.num_experts());
     if (!mixtral) {
@@ -134,7 +135,9 @@ std::vector<CheckpointTensor> checkpoint_tensors(Layer& layer, WeightNames names
         }
       }
     } else {
-      if constexpr (HasGatedExperts<Layer>::value) {
+      // Mixtral's experts are SwiGLU (SEMANTICS 15): w1 through SiLU times w3, then w2. Another
+      // activation would load the file into a different model, so it is refused.
+      if constexpr (std::is_same_v<typename Layer::ActivationType, SwiGlu>) {
         if (config.router_bias) {
           no_such_names(names, "SwitchLayer with router_bias", "Mixtral's gate has no bias");
         }
@@ -146,12 +149,17 @@ std::vector<CheckpointTensor> checkpoint_tensors(Layer& layer, WeightNames names
           out.push_back({p + "w2.weight", &layer.w_out(e), true, false});
         }
       } else {
-        no_such_names(names, "SwitchLayer without gated experts",
-                      "Mixtral experts are gated (w1, w3, w2): use a gated activation (SwiGlu)");
+        fail("WeightNames::", to_string(names), " cannot name a SwitchLayer with activation \"",
+             Layer::ActivationType::name(),
+             "\": Mixtral experts are SwiGLU (w1 gate through SiLU, w3 up, w2 down; SEMANTICS "
+             "15); use SwitchLayer<Policy, SwiGlu>");
       }
     }
   } else {
     if (mixtral) no_such_names(names, "DenseFFN", "Mixtral names are for sparse MoE layers");
+    if constexpr (HasGatedExperts<Layer>::value) {
+      no_such_names(names, "gated DenseFFN", "T5's dense wi/wo FFN is not gated");
+    }
     if (layer.config().bias) {
       no_such_names(names, "DenseFFN with bias", "T5's wi/wo have no bias");
     }
@@ -159,6 +167,18 @@ std::vector<CheckpointTensor> checkpoint_tensors(Layer& layer, WeightNames names
     out.push_back({prefix + "wo.weight", &layer.w_out(), true, false});
   }
   return out;
+}
+
+/// Layer state that `names` has no tensor for: a layer's buffers (SEMANTICS 19's balancing
+/// bias) under the Hugging Face names, whose models have no such state. Saving refuses it unless
+/// it is all zeros (else it would be lost); loading sets it to zero, the state of the model the
+/// file describes.
+template <class Layer>
+std::vector<ParameterRef> unnamed_state(Layer& layer, WeightNames names) {
+  if constexpr (IsSwitchLayer<Layer>::value) {
+    if (names != WeightNames::kSwitchmoe) return layer.buffers();
+  }
+  return {};
 }
 
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
@@ -178,6 +198,13 @@ void save_weights(io::SafetensorsWriter& writer, Layer& layer,
                   const std::string& dtype = "F32") {
   const std::vector<detail::CheckpointTensor> tensors =
       detail::checkpoint_tensors(layer, names, prefix);
+  for (const ParameterRef& p : detail::unnamed_state(layer, names)) {
+    if (!p.value->isZero(0.0f)) {
+      detail::fail("WeightNames::", to_string(names), " cannot hold the layer's ", p.name,
+                   " (SEMANTICS 19), which is not zero: it would be lost; save under "
+                   "WeightNames::kSwitchmoe to keep it");
+    }
+  }
   io::SafetensorsWriter staged;
   for (const detail::CheckpointTensor& t : tensors) {
     if (writer.contains(t.name)) detail::fail("tensor '", t.name, "' is already in the writer");
@@ -232,6 +259,7 @@ void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
   }
   // Nothing below throws: same-shape assignments reuse the masters' storage.
   for (std::size_t i = 0; i < tensors.size(); ++i) *tensors[i].value = staged[i];
+  for (const ParameterRef& p : detail::unnamed_state(layer, names)) p.value->setZero();
 }
 
 }  // namespace detail
