@@ -213,38 +213,8 @@ class FeedForwardBank {
   /// Throws std::invalid_argument naming the first master weight or gradient whose shape is no
   /// longer the configured one (resized through an accessor or a ParameterRef). Cheap: shapes
   /// only. Every forward and backward runs it before touching the storage.
-  void check_parameter_shapes() const {
-    for (const Part* part : {&routed_, &shared_}) {
-      const int d_model = config_.d_model, d_ff = part->width, bias = config_.bias ? 1 : 0;
-      for (int e = 0; e < part->count; ++e) {
-        const int id = part == &routed_ ? config_.first_ffn + e : -1;
-        check_parameter("w_in", id, part->w_in[e], d_model, d_ff);
-        check_parameter("w_out", id, part->w_out[e], d_ff, d_model);
-        check_parameter("b_in", id, part->b_in[e], bias, d_ff);
-        check_parameter("b_out", id, part->b_out[e], bias, d_model);
-        if constexpr (kGated) {
-          check_parameter("w_gate", id, part->w_gate[e], d_model, d_ff);
-          check_parameter("b_gate", id, part->b_gate[e], bias, d_ff);
-        }
-      }
-    }
-  }
-  void check_gradient_shapes() const {
-    for (const Part* part : {&routed_, &shared_}) {
-      const int d_model = config_.d_model, d_ff = part->width, bias = config_.bias ? 1 : 0;
-      for (int e = 0; e < part->count; ++e) {
-        const int id = part == &routed_ ? config_.first_ffn + e : -1;
-        check_parameter("grad_w_in", id, part->grad_w_in[e], d_model, d_ff);
-        check_parameter("grad_w_out", id, part->grad_w_out[e], d_ff, d_model);
-        check_parameter("grad_b_in", id, part->grad_b_in[e], bias, d_ff);
-        check_parameter("grad_b_out", id, part->grad_b_out[e], bias, d_model);
-        if constexpr (kGated) {
-          check_parameter("grad_w_gate", id, part->grad_w_gate[e], d_model, d_ff);
-          check_parameter("grad_b_gate", id, part->grad_b_gate[e], bias, d_ff);
-        }
-      }
-    }
-  }
+  void check_parameter_shapes() const { check_shapes(/*gradients=*/false); }
+  void check_gradient_shapes() const { check_shapes(/*gradients=*/true); }
 
   /// Sizes the per-call buffers for up to `rows` routed rows (and `shared_rows` rows of the
   /// shared FFN), so that later calls with at most that many rows allocate nothing.
@@ -657,6 +627,30 @@ class FeedForwardBank {
   }
 
   /// The local index of global expert e; throws unless the bank holds it.
+  /// The shape check of every master (or, with `gradients`, every gradient) of both parts.
+  void check_shapes(bool gradients) const {
+    using Tensors = std::vector<Matrix<float>> Part::*;
+    for (const Part* part : {&routed_, &shared_}) {
+      const int d_model = config_.d_model, d_ff = part->width, bias = config_.bias ? 1 : 0;
+      for (int e = 0; e < part->count; ++e) {
+        const int id = part == &routed_ ? config_.first_ffn + e : -1;
+        auto check = [&](const char* name, const char* grad_name, Tensors master, Tensors grad,
+                         Eigen::Index rows, Eigen::Index cols) {
+          check_parameter(gradients ? grad_name : name, id, (part->*(gradients ? grad : master))[e],
+                          rows, cols);
+        };
+        check("w_in", "grad_w_in", &Part::w_in, &Part::grad_w_in, d_model, d_ff);
+        check("w_out", "grad_w_out", &Part::w_out, &Part::grad_w_out, d_ff, d_model);
+        check("b_in", "grad_b_in", &Part::b_in, &Part::grad_b_in, bias, d_ff);
+        check("b_out", "grad_b_out", &Part::b_out, &Part::grad_b_out, bias, d_model);
+        if constexpr (kGated) {
+          check("w_gate", "grad_w_gate", &Part::w_gate, &Part::grad_w_gate, d_model, d_ff);
+          check("b_gate", "grad_b_gate", &Part::b_gate, &Part::grad_b_gate, bias, d_ff);
+        }
+      }
+    }
+  }
+
   int local(int e) const {
     const int first = config_.first_ffn;
     if (e < first || e >= first + config_.num_ffns) {
