@@ -22,7 +22,7 @@
 // compute copies out of date: the next forward uses the loaded weights without sync_weights().
 // Tensors of the file that the layer does not use (other layers, other prefixes) are ignored.
 //
-// Under expert parallelism each rank saves and loads the router and the experts it holds.
+// The expert-parallel layer: switchmoe/io/distributed_weights.hpp (needs switchmoe::distributed).
 
 #include <string>
 #include <type_traits>
