@@ -22,7 +22,7 @@
 // compute copies out of date: the next forward uses the loaded weights without sync_weights().
 // Tensors of the file that the layer does not use (other layers, other prefixes) are ignored.
 //
-// Under expert parallelism each rank saves and loads the router and the experts it holds.
+// The expert-parallel layer: switchmoe/io/distributed_weights.hpp (needs switchmoe::distributed).
 
 #include <string>
 #include <type_traits>
@@ -187,27 +187,21 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
   return out + "]";
 }
 
-}  // namespace detail
-
-/// Adds `layer`'s tensors under `names` and `prefix` to `writer`, stored as `dtype` (F32 keeps
-/// the float32 masters exactly). Strong guarantee: on a throw (a name already in the writer, a
-/// value outside BF16/F16's range) the writer is as before.
+/// Adds `tensors` (checkpoint_tensors(layer, names, ...) or a part of it, e.g. one rank's share
+/// under expert parallelism) to `writer` as save_weights does.
 template <class Layer>
-void save_weights(io::SafetensorsWriter& writer, Layer& layer,
-                  WeightNames names = WeightNames::kSwitchmoe, const std::string& prefix = "",
-                  const std::string& dtype = "F32") {
-  const std::vector<detail::CheckpointTensor> tensors =
-      detail::checkpoint_tensors(layer, names, prefix);
-  for (const ParameterRef& p : detail::unnamed_state(layer, names)) {
+void save_tensors(io::SafetensorsWriter& writer, Layer& layer, WeightNames names,
+                  const std::string& dtype, const std::vector<CheckpointTensor>& tensors) {
+  for (const ParameterRef& p : unnamed_state(layer, names)) {
     if (!p.value->isZero(0.0f)) {
-      detail::fail("WeightNames::", to_string(names), " cannot hold the layer's ", p.name,
-                   " (SEMANTICS 19), which is not zero: it would be lost; save under "
-                   "WeightNames::kSwitchmoe to keep it");
+      fail("WeightNames::", to_string(names), " cannot hold the layer's ", p.name,
+           " (SEMANTICS 19), which is not zero: it would be lost; save under "
+           "WeightNames::kSwitchmoe to keep it");
     }
   }
   io::SafetensorsWriter staged;
-  for (const detail::CheckpointTensor& t : tensors) {
-    if (writer.contains(t.name)) detail::fail("tensor '", t.name, "' is already in the writer");
+  for (const CheckpointTensor& t : tensors) {
+    if (writer.contains(t.name)) fail("tensor '", t.name, "' is already in the writer");
     if (t.vector) {
       staged.add(t.name, *t.value, dtype, {t.value->cols()});
     } else if (t.transposed) {
@@ -220,18 +214,38 @@ void save_weights(io::SafetensorsWriter& writer, Layer& layer,
   writer.merge(std::move(staged));
 }
 
-namespace detail {
+/// The tensors of a load, read and checked, not yet in the layer: load_weights is
+/// stage_weights then commit(), and only commit() changes the layer (it cannot throw).
+template <class Layer>
+class StagedWeights {
+ public:
+  StagedWeights(Layer& layer, WeightNames names, std::vector<CheckpointTensor> tensors,
+                std::vector<Matrix<float>> values)
+      : layer_(&layer), names_(names), tensors_(std::move(tensors)), values_(std::move(values)) {}
 
-/// load_weights from any reader with SafetensorsReader's interface (one file, or a sharded
-/// checkpoint through its index: io/sharded.hpp).
+  void commit() noexcept {
+    // Same-shape assignments reuse the masters' storage: nothing here allocates.
+    for (std::size_t i = 0; i < tensors_.size(); ++i) *tensors_[i].value = values_[i];
+    for (const ParameterRef& p : unnamed_state(*layer_, names_)) p.value->setZero();
+  }
+
+ private:
+  Layer* layer_;
+  WeightNames names_;
+  std::vector<CheckpointTensor> tensors_;
+  std::vector<Matrix<float>> values_;  // each in the layer's layout
+};
+
+/// Finds, checks and reads `tensors` from `reader` (any reader with SafetensorsReader's
+/// interface: one file, or a sharded checkpoint through its index, io/sharded.hpp) without
+/// touching the layer.
 template <class Reader, class Layer>
-void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
-                       const std::string& prefix) {
-  const std::vector<detail::CheckpointTensor> tensors =
-      detail::checkpoint_tensors(layer, names, prefix);
+StagedWeights<Layer> stage_weights(const Reader& reader, Layer& layer, WeightNames names,
+                                   const std::string& prefix,
+                                   std::vector<CheckpointTensor> tensors) {
   std::vector<Matrix<float>> staged;  // each in the layer's layout
   staged.reserve(tensors.size());
-  for (const detail::CheckpointTensor& t : tensors) {
+  for (const CheckpointTensor& t : tensors) {
     if (!reader.contains(t.name)) {
       throw io::FormatError(reader.path(),
                             std::string("missing: the layer needs it under WeightNames::") +
@@ -245,10 +259,9 @@ void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
     const bool matches = (shape.size() == 2 && shape[0] == rows && shape[1] == cols) ||
                          (shape.size() == 1 && rows == 1 && shape[0] == cols);
     if (!matches) {
-      detail::fail(reader.path(), ": tensor '", t.name, "' has shape ", detail::shape_string(shape),
-                   ", expected ",
-                   t.vector ? "[" + std::to_string(cols) + "]" : detail::shape_string({rows, cols}),
-                   " for this layer");
+      fail(reader.path(), ": tensor '", t.name, "' has shape ", shape_string(shape), ", expected ",
+           t.vector ? "[" + std::to_string(cols) + "]" : shape_string({rows, cols}),
+           " for this layer");
     }
     Matrix<float> value = reader.tensor(t.name);  // [rows, cols] of the file
     if (t.transposed) {
@@ -257,12 +270,28 @@ void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
       staged.push_back(std::move(value));
     }
   }
-  // Nothing below throws: same-shape assignments reuse the masters' storage.
-  for (std::size_t i = 0; i < tensors.size(); ++i) *tensors[i].value = staged[i];
-  for (const ParameterRef& p : detail::unnamed_state(layer, names)) p.value->setZero();
+  return StagedWeights<Layer>(layer, names, std::move(tensors), std::move(staged));
+}
+
+/// load_weights from any reader with SafetensorsReader's interface.
+template <class Reader, class Layer>
+void load_weights_from(const Reader& reader, Layer& layer, WeightNames names,
+                       const std::string& prefix) {
+  stage_weights(reader, layer, names, prefix, checkpoint_tensors(layer, names, prefix)).commit();
 }
 
 }  // namespace detail
+
+/// Adds `layer`'s tensors under `names` and `prefix` to `writer`, stored as `dtype` (F32 keeps
+/// the float32 masters exactly). Strong guarantee: on a throw (a name already in the writer, a
+/// value outside BF16/F16's range) the writer is as before.
+template <class Layer>
+void save_weights(io::SafetensorsWriter& writer, Layer& layer,
+                  WeightNames names = WeightNames::kSwitchmoe, const std::string& prefix = "",
+                  const std::string& dtype = "F32") {
+  detail::save_tensors(writer, layer, names, dtype,
+                       detail::checkpoint_tensors(layer, names, prefix));
+}
 
 /// Loads `layer`'s tensors under `names` and `prefix` from `reader` (F32, BF16 or F16; the
 /// masters are float32). Throws io::FormatError (naming the file and the tensor) for a missing
