@@ -102,10 +102,12 @@ void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, Prog
 }
 
 template <class Policy>
-int run_experiment(const Options& options, const TextData& data) {
+int run_experiment(const Options& options, const TextData& data, const Ranks& ranks = Ranks()) {
   namespace fs = std::filesystem;
+  // --expert-parallel: every rank trains (collectively); rank 0 alone writes the outputs.
+  const bool writer = ranks.rank == 0;
   std::error_code ec;
-  fs::create_directories(options.out, ec);
+  if (writer) fs::create_directories(options.out, ec);
   if (ec) {
     std::fprintf(stderr, "error: cannot create output directory '%s': %s\n", options.out.c_str(),
                  ec.message().c_str());
@@ -113,8 +115,15 @@ int run_experiment(const Options& options, const TextData& data) {
   }
   ProgressLine progress;
   const ModelConfig& mc = options.model;
-  Run<Policy> dense("dense", mc, options.train, std::nullopt, options.seed, data);
-  Run<Policy> moe("switch", mc, options.train, options.moe, options.seed, data);
+  Run<Policy> dense("dense", mc, options.train, std::nullopt, options.seed, data, ranks);
+  Run<Policy> moe("switch", mc, options.train, options.moe, options.seed, data, ranks);
+  if (ranks.enabled) {
+    progress.print(
+        strprintf("expert parallel: %d ranks, each with %d of the %d experts of every "
+                  "Switch layer and %d of the %d sequences of every batch",
+                  ranks.size, options.moe.experts / ranks.size, options.moe.experts,
+                  options.train.batch / ranks.size, options.train.batch));
+  }
   const auto& m = options.moe;
   progress.print(strprintf(
       "model: d_model %d, layers %d, heads %d, d_ff %d, context %d, precision %s; Switch: %d "
@@ -241,8 +250,10 @@ int run_experiment(const Options& options, const TextData& data) {
   }
 
   const std::string csv = options.out + "/curves.csv";
-  write_curves_csv(csv, summaries);
-  report += "curves: " + csv + "\n" + plot_curves(options.out, csv, summaries) + "\n";
+  if (writer) {
+    write_curves_csv(csv, summaries);
+    report += "curves: " + csv + "\n" + plot_curves(options.out, csv, summaries) + "\n";
+  }
 
   report += "\nsamples (prompt \"" + escaped(options.prompt) + "\", temperature " +
             strprintf("%.2f", options.temperature) + "):\n";
@@ -253,7 +264,7 @@ int run_experiment(const Options& options, const TextData& data) {
               "\n";
   }
   progress.print(report);
-  std::ofstream(options.out + "/report.txt") << report;
+  if (writer) std::ofstream(options.out + "/report.txt") << report;
 
   if (options.quick) {
     bool ok = true;

@@ -6,12 +6,15 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <switchmoe/io/safetensors.hpp>
 #include <switchmoe/switchmoe.hpp>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
+#include "ranks.hpp"
 #include "tensor.hpp"
 
 namespace switch_lm {
@@ -38,20 +41,43 @@ class FeedForward {
  public:
   using Dense = switchmoe::DenseFFN<Policy, Activation>;
   using Switch = switchmoe::SwitchLayer<Policy, Activation>;
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+  // --expert-parallel: this rank's experts of the layer, the others' reached over MPI.
+  using Parallel = switchmoe::ExpertParallelSwitchLayer<Policy, Activation>;
+#endif
 
   explicit FeedForward(const switchmoe::DenseConfig& config)
       : layer_(std::make_unique<Dense>(config)) {}
   explicit FeedForward(const switchmoe::SwitchConfig& config)
       : layer_(std::make_unique<Switch>(config)) {}
+  // A Switch layer split over `ranks` when they are enabled (collective over them).
+  FeedForward(const switchmoe::SwitchConfig& config, const Ranks& ranks) {
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+    if (ranks.enabled) {
+      layer_ = std::make_unique<Parallel>(config, ranks.comm);
+      return;
+    }
+#endif
+    (void)ranks;
+    layer_ = std::make_unique<Switch>(config);
+  }
 
-  bool is_switch() const { return std::holds_alternative<std::unique_ptr<Switch>>(layer_); }
+  bool is_switch() const { return !std::holds_alternative<std::unique_ptr<Dense>>(layer_); }
 
   // x: [tokens, d_model] -> [tokens, d_model]
   MatrixX<float> forward(const MatrixX<float>& x, switchmoe::Mode mode) {
     if (auto* dense = std::get_if<std::unique_ptr<Dense>>(&layer_))
       return (*dense)->forward(x, mode);
-    auto& layer = *std::get<std::unique_ptr<Switch>>(layer_);
-    auto out = layer.forward(x, mode);
+    // Expert parallel: the losses and statistics are the global ones (SEMANTICS 21).
+    auto out = std::visit(
+        [&](auto& layer) -> switchmoe::SwitchOutput {
+          if constexpr (std::is_same_v<std::decay_t<decltype(*layer)>, Dense>) {
+            return {};  // unreachable: handled above
+          } else {
+            return layer->forward(x, mode);
+          }
+        },
+        layer_);
     aux_loss_ = static_cast<double>(out.loss);
     load_ = expert_load(out.stats);
     return std::move(out.y);
@@ -82,30 +108,62 @@ class FeedForward {
   // Checkpoints: the library layer's tensors under switchmoe's own names (SEMANTICS 22) with
   // `prefix`, its buffers included; load_weights checks every tensor before changing any.
   void save(switchmoe::io::SafetensorsWriter& writer, const std::string& prefix) {
-    std::visit([&](auto& layer) { switchmoe::save_weights(writer, *layer, kNames, prefix); },
-               layer_);
+    std::visit(
+        [&](auto& layer) {
+          if constexpr (is_parallel<decltype(layer)>()) {
+            throw std::invalid_argument(
+                "switch_lm: checkpoints of --expert-parallel runs are not supported");
+          } else {
+            switchmoe::save_weights(writer, *layer, kNames, prefix);
+          }
+        },
+        layer_);
   }
   void load(const switchmoe::io::SafetensorsReader& reader, const std::string& prefix) {
-    std::visit([&](auto& layer) { switchmoe::load_weights(reader, *layer, kNames, prefix); },
-               layer_);
+    std::visit(
+        [&](auto& layer) {
+          if constexpr (is_parallel<decltype(layer)>()) {
+            throw std::invalid_argument(
+                "switch_lm: checkpoints of --expert-parallel runs are not supported");
+          } else {
+            switchmoe::load_weights(reader, *layer, kNames, prefix);
+          }
+        },
+        layer_);
   }
 
   // Positions of the layer's random streams (router jitter, dropout): state that a checkpoint
   // keeps so that a resumed run draws what the uninterrupted one would.
   StreamPositions stream_positions() {
-    if (auto* dense = std::get_if<std::unique_ptr<Dense>>(&layer_))
-      return {0, (*dense)->dropout_calls()};
-    auto& layer = *std::get<std::unique_ptr<Switch>>(layer_);
-    return {layer.router().jitter_calls(), layer.experts().dropout_calls()};
+    return std::visit(
+        [](auto& layer) -> StreamPositions {
+          if constexpr (std::is_same_v<std::decay_t<decltype(*layer)>, Dense>) {
+            return {0, layer->dropout_calls()};
+          } else if constexpr (is_parallel<decltype(layer)>()) {
+            return {layer->layer().router().jitter_calls(),
+                    layer->layer().experts().dropout_calls()};
+          } else {
+            return {layer->router().jitter_calls(), layer->experts().dropout_calls()};
+          }
+        },
+        layer_);
   }
   void set_stream_positions(const StreamPositions& positions) {
     if (auto* dense = std::get_if<std::unique_ptr<Dense>>(&layer_)) {
       (*dense)->set_dropout_calls(positions.dropout_calls);
       return;
     }
-    auto& layer = *std::get<std::unique_ptr<Switch>>(layer_);
-    layer.router().set_jitter_calls(positions.jitter_calls);
-    layer.experts().set_dropout_calls(positions.dropout_calls);
+    std::visit(
+        [&](auto& layer) {
+          if constexpr (is_parallel<decltype(layer)>()) {
+            layer->layer().router().set_jitter_calls(positions.jitter_calls);
+            layer->layer().experts().set_dropout_calls(positions.dropout_calls);
+          } else if constexpr (!std::is_same_v<std::decay_t<decltype(*layer)>, Dense>) {
+            layer->router().set_jitter_calls(positions.jitter_calls);
+            layer->experts().set_dropout_calls(positions.dropout_calls);
+          }
+        },
+        layer_);
   }
 
   // Scaled auxiliary loss (aux + z) of the last forward; already differentiated in backward.
@@ -117,7 +175,22 @@ class FeedForward {
   static constexpr switchmoe::WeightNames kNames = switchmoe::WeightNames::kSwitchmoe;
   static ExpertLoad expert_load(const switchmoe::RoutingStats& stats) { return {stats, 1}; }
 
-  std::variant<std::unique_ptr<Dense>, std::unique_ptr<Switch>> layer_;
+  template <class Pointer>
+  static constexpr bool is_parallel() {
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+    return std::is_same_v<std::decay_t<Pointer>, std::unique_ptr<Parallel>>;
+#else
+    return false;
+#endif
+  }
+
+  std::variant<std::unique_ptr<Dense>, std::unique_ptr<Switch>
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+               ,
+               std::unique_ptr<Parallel>
+#endif
+               >
+      layer_;
   double aux_loss_ = 0.0;
   ExpertLoad load_;
 };

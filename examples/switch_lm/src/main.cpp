@@ -5,13 +5,62 @@
 
 #include <Eigen/Core>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
+#include <optional>
 #include <stdexcept>
+#include <string>
 
 #include "checkpoint.hpp"
 #include "experiment.hpp"
 #include "options.hpp"
+#include "ranks.hpp"
 #include "text_data.hpp"
+
+namespace {
+
+// --expert-parallel: initializes MPI (finalized on exit) and describes MPI_COMM_WORLD; ranks other
+// than 0 print nothing (their stdout goes to /dev/null) so the output is rank 0's alone.
+class MpiSession {
+ public:
+  explicit MpiSession(bool wanted) {
+    if (!wanted) return;
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+    MPI_Init(nullptr, nullptr);
+    ranks_.enabled = true;
+    ranks_.comm = MPI_COMM_WORLD;
+    MPI_Comm_rank(ranks_.comm, &ranks_.rank);
+    MPI_Comm_size(ranks_.comm, &ranks_.size);
+    if (ranks_.rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr)
+      throw std::runtime_error("cannot silence stdout of rank " + std::to_string(ranks_.rank));
+#else
+    throw std::invalid_argument(
+        "option --expert-parallel: this switch_lm was built without MPI (switchmoe::distributed)");
+#endif
+  }
+  ~MpiSession() {
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+    if (ranks_.enabled) MPI_Finalize();
+#endif
+  }
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+
+  const switch_lm::Ranks& ranks() const { return ranks_; }
+
+  // A failure on one rank would leave the others waiting in a collective: end them all.
+  [[noreturn]] void abort(int code) const {
+#ifdef SWITCH_LM_EXPERT_PARALLEL
+    if (ranks_.enabled && ranks_.size > 1) MPI_Abort(ranks_.comm, code);
+#endif
+    std::exit(code);
+  }
+
+ private:
+  switch_lm::Ranks ranks_;
+};
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace switch_lm;
@@ -41,6 +90,19 @@ int main(int argc, char** argv) {
     omp_set_num_threads(options.threads);
     Eigen::setNbThreads(options.threads);
   }
+  std::optional<MpiSession> mpi;
+  try {
+    mpi.emplace(options.expert_parallel);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+  const Ranks& ranks = mpi->ranks();
+  if (ranks.enabled && (options.train.batch % ranks.size != 0)) {
+    std::fprintf(stderr, "error: option --batch = %d: expected a multiple of the %d ranks\n",
+                 options.train.batch, ranks.size);
+    mpi->abort(2);
+  }
   try {
     if (options.generate) {
       if (options.precision == "bf16") return generate_from_checkpoint<switchmoe::Bf16>(options);
@@ -49,11 +111,15 @@ int main(int argc, char** argv) {
     const TextData data = options.data.empty() ? load_fortunes() : load_text_file(options.data);
     std::printf("data: %s: %zu training bytes, %zu validation bytes; %d OpenMP threads\n",
                 data.source.c_str(), data.train.size(), data.valid.size(), omp_get_max_threads());
-    if (options.precision == "bf16") return run_experiment<switchmoe::Bf16>(options, data);
-    return run_experiment<switchmoe::Fp32>(options, data);
+    if (ranks.enabled)
+      std::printf("expert parallel: %d MPI ranks x %d OpenMP threads\n", ranks.size,
+                  omp_get_max_threads());
+    if (options.precision == "bf16") return run_experiment<switchmoe::Bf16>(options, data, ranks);
+    return run_experiment<switchmoe::Fp32>(options, data, ranks);
   } catch (const std::exception& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "error: %s\n", e.what());
+    if (ranks.enabled && ranks.size > 1) mpi->abort(1);
     return 1;
   }
 }

@@ -37,6 +37,7 @@ struct Options {
   std::string prompt = "%\n";
   double temperature = 0.8;
   bool help = false;
+  bool expert_parallel = false;  // --expert-parallel: split the experts over the MPI ranks
 };
 
 inline const char* usage() {
@@ -59,6 +60,8 @@ Switch layers
   --jitter X               router input jitter epsilon
   --router-lr-scale X      learning-rate multiplier of the routers
   --expert-weight-decay 0|1  weight decay on the expert matrices
+  --group-size N           routing group tokens (default 0: all tokens of a call, i.e. of a
+                           batch, or of a rank's share of it with --expert-parallel)
 training
   --steps N --batch N --lr X --warmup N --final-lr-fraction X --weight-decay X --clip X
   --eval-interval N        steps between validation evaluations
@@ -67,6 +70,9 @@ training
   --threads N              OpenMP threads (default 1: fastest for the default model's small
                            matrices; 0 = OpenMP default; deterministic for a given count)
   --seed N
+  --expert-parallel        under mpirun: each Switch layer's experts split over the ranks, each
+                           rank a slice of every batch, other weights replicated (needs a build
+                           with MPI; --batch and --experts divisible by the rank count)
 distillation (paper section 4.2)
   --distill                distill the Switch model into a dense student and report the kept gain
   --distill-weight X       weight of the teacher's soft targets (default 0.25)
@@ -158,6 +164,10 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
       o.moe.z_loss_coef = static_cast<float>(real(0.0, true));
     else if (key == "--router-lr-scale")
       o.moe.router_lr_scale = real(0.0, false);
+    else if (key == "--group-size")
+      o.moe.group_size = integer(0);
+    else if (key == "--expert-parallel")
+      o.expert_parallel = true;
     else if (key == "--expert-weight-decay")
       o.moe.expert_weight_decay = integer(0) != 0;
     else if (key == "--jitter")
@@ -226,6 +236,9 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
   if (o.stop_at > 0 && o.save.empty())
     throw std::invalid_argument("option --stop-at = " + std::to_string(o.stop_at) +
                                 " needs --save DIR (a stopped run is only useful resumed)");
+  if (o.expert_parallel && (o.distill || o.generate || !o.save.empty() || !o.resume.empty()))
+    throw std::invalid_argument(
+        "option --expert-parallel: not supported with --distill, --generate, --save or --resume");
   if (o.distill_teacher_weight > 1.0)
     throw std::invalid_argument(
         "option --distill-weight = " + std::to_string(o.distill_teacher_weight) +
@@ -249,6 +262,7 @@ inline nlohmann::json training_options(const Options& o) {
           {"jitter", o.moe.jitter_eps},
           {"router-lr-scale", o.moe.router_lr_scale},
           {"expert-weight-decay", o.moe.expert_weight_decay ? 1 : 0},
+          {"group-size", o.moe.group_size},
           {"steps", o.train.steps},
           {"batch", o.train.batch},
           {"lr", o.train.lr},
@@ -281,6 +295,7 @@ inline Options checkpoint_options(int argc, char** argv, const std::string& dir,
     base.moe.jitter_eps = saved.at("jitter").get<float>();
     base.moe.router_lr_scale = saved.at("router-lr-scale").get<double>();
     base.moe.expert_weight_decay = saved.at("expert-weight-decay").get<int>() != 0;
+    base.moe.group_size = saved.value("group-size", 0);  // absent from older checkpoints
     base.train.steps = saved.at("steps").get<int>();
     base.train.batch = saved.at("batch").get<int>();
     base.train.lr = saved.at("lr").get<double>();

@@ -16,6 +16,7 @@
 #include "feed_forward.hpp"
 #include "language_model.hpp"
 #include "optimizer.hpp"
+#include "ranks.hpp"
 #include "text_data.hpp"
 
 namespace switch_lm {
@@ -41,6 +42,7 @@ struct SwitchSettings {
   float z_loss_coef = 0.0f;
   float jitter_eps = 0.01f;
   double router_lr_scale = 1.0;  // learning-rate multiplier of the routers
+  int group_size = 0;            // routing group tokens (0: each call's tokens, per rank)
   bool expert_weight_decay = true;
 };
 
@@ -86,12 +88,14 @@ class Run {
   using Model = LanguageModel<float, FeedForward<Policy>>;
 
   Run(std::string name, const ModelConfig& model_config, const TrainConfig& train,
-      std::optional<SwitchSettings> moe, std::uint64_t seed, const TextData& data)
+      std::optional<SwitchSettings> moe, std::uint64_t seed, const TextData& data,
+      const Ranks& ranks = Ranks())
       : name_(std::move(name)),
+        ranks_(ranks),
         train_(train),
         moe_(moe),
         data_(data),
-        model_(build_model(model_config, moe, seed)),
+        model_(build_model(model_config, moe, seed, ranks)),
         optimizer_(train.adamw),
         schedule_{train.lr, train.warmup, train.steps, train.final_lr_fraction},
         sampler_(data.train, train.batch, model_config.context, seed),
@@ -101,10 +105,12 @@ class Run {
   }
 
   // The model a run of these settings starts from (a Switch model when `moe` is given).
+  // With `ranks` enabled, its Switch layers hold this rank's experts (construction is collective).
   static Model build_model(const ModelConfig& model_config,
-                           const std::optional<SwitchSettings>& moe, std::uint64_t seed) {
+                           const std::optional<SwitchSettings>& moe, std::uint64_t seed,
+                           const Ranks& ranks = Ranks()) {
     return Model(model_config, seed, [&](int layer, std::mt19937_64&) {
-      return make_feed_forward(model_config, moe, seed, layer);
+      return make_feed_forward(model_config, moe, seed, layer, ranks);
     });
   }
 
@@ -128,18 +134,37 @@ class Run {
     const auto start = std::chrono::steady_clock::now();
     const int seq = model_.config().context;
     sampler_.next(inputs_, targets_);
+    // Expert parallel: every rank draws the whole batch (the same stream) and takes its slice of
+    // the sequences; the slices in rank order are the single-process batch.
+    int batch = train_.batch;
+    if (ranks_.enabled) {
+      const std::size_t first = ranks_.begin(static_cast<std::size_t>(train_.batch));
+      const std::size_t last = ranks_.end(static_cast<std::size_t>(train_.batch));
+      const std::size_t s = static_cast<std::size_t>(seq);
+      inputs_.assign(inputs_.begin() + first * s, inputs_.begin() + last * s);
+      targets_.assign(targets_.begin() + first * s, targets_.begin() + last * s);
+      batch = static_cast<int>(last - first);
+    }
     MatrixX<float> teacher_probs;
     if (teacher) {
       teacher_probs =
-          softmax_rows(teacher->model_.forward(inputs_, train_.batch, seq, switchmoe::Mode::kEval));
+          softmax_rows(teacher->model_.forward(inputs_, batch, seq, switchmoe::Mode::kEval));
     }
     model_.zero_grad();
-    const MatrixX<float> logits =
-        model_.forward(inputs_, train_.batch, seq, switchmoe::Mode::kTrain);
+    const MatrixX<float> logits = model_.forward(inputs_, batch, seq, switchmoe::Mode::kTrain);
     auto ce = softmax_cross_entropy(logits, targets_, true, teacher ? &teacher_probs : nullptr,
                                     teacher_weight);
+    const double global_tokens = static_cast<double>(train_.batch) * seq;
+    double hard_loss = ce.hard_loss;
+    if (ranks_.enabled) {
+      // The loss is the mean over the whole batch's tokens: this rank's mean weighs n_r / N.
+      const double weight = static_cast<double>(targets_.size()) / global_tokens;
+      ce.d_logits *= static_cast<float>(weight);
+      hard_loss = ranks_.sum(ce.hard_loss * weight);
+    }
     model_.backward(ce.d_logits);
     ParamList<float> params = model_.parameters();
+    ranks_.allreduce_replicated(params);
     if (moe_) {
       for (auto& p : params) {
         if (p.owner == switchmoe::ParameterOwner::kRouter) p.lr_scale = moe_->router_lr_scale;
@@ -147,12 +172,16 @@ class Run {
           p.weight_decay &= moe_->expert_weight_decay;
       }
     }
-    clip_grad_norm(params, train_.clip_norm);
+    if (ranks_.enabled) {
+      clip_global_grad_norm(params);
+    } else {
+      clip_grad_norm(params, train_.clip_norm);
+    }
     optimizer_.step(params, schedule_.at(step));
     train_seconds_ +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    train_tokens_ += static_cast<double>(inputs_.size());
-    last_train_bits_ = bits(ce.hard_loss);
+    train_tokens_ += global_tokens;
+    last_train_bits_ = bits(hard_loss);
     train_bits_sum_ += last_train_bits_;
     ++train_bits_count_;
     if (moe_) {
@@ -171,11 +200,14 @@ class Run {
     std::vector<int> inputs, targets;
     for (std::size_t first = 0; first < valid_offsets_.size();
          first += static_cast<std::size_t>(train_.batch)) {
-      const std::size_t count = std::min<std::size_t>(static_cast<std::size_t>(train_.batch),
-                                                      valid_offsets_.size() - first);
+      std::size_t count = std::min<std::size_t>(static_cast<std::size_t>(train_.batch),
+                                                valid_offsets_.size() - first);
+      // Expert parallel: this rank's contiguous share of the batch's windows.
+      const std::size_t begin = first + ranks_.begin(count);
+      count = ranks_.end(count) - ranks_.begin(count);
       inputs.clear();
       targets.clear();
-      for (std::size_t w = first; w < first + count; ++w) {
+      for (std::size_t w = begin; w < begin + count; ++w) {
         for (int t = 0; t < seq; ++t) {
           inputs.push_back(data_.valid[valid_offsets_[w] + static_cast<std::size_t>(t)]);
           targets.push_back(data_.valid[valid_offsets_[w] + static_cast<std::size_t>(t) + 1]);
@@ -183,11 +215,15 @@ class Run {
       }
       const MatrixX<float> logits =
           model_.forward(inputs, static_cast<int>(count), seq, switchmoe::Mode::kEval);
-      total +=
-          softmax_cross_entropy(logits, targets, false).loss * static_cast<double>(targets.size());
+      if (!targets.empty()) {
+        total += softmax_cross_entropy(logits, targets, false).loss *
+                 static_cast<double>(targets.size());
+      }
       tokens += targets.size();
     }
-    return bits(total / static_cast<double>(tokens));
+    std::vector<double> sums{total, static_cast<double>(tokens)};
+    ranks_.sum(sums);
+    return bits(sums[0] / sums[1]);
   }
 
   // Evaluates and appends a point to the curve; returns it.
@@ -214,20 +250,25 @@ class Run {
     return out;
   }
 
+  // Expert parallel: the experts of every rank are counted (each lives on its owner only).
   std::size_t parameter_count() {
-    std::size_t n = 0;
-    for (const auto& p : model_.parameters()) n += static_cast<std::size_t>(p.value->size());
-    return n;
+    double replicated = 0.0, experts = 0.0;
+    for (const auto& p : model_.parameters())
+      (p.owner == switchmoe::ParameterOwner::kExpert ? experts : replicated) +=
+          static_cast<double>(p.value->size());
+    return static_cast<std::size_t>(replicated + ranks_.sum(experts));
   }
 
   // Parameters a token actually uses: one expert per Switch layer (paper: same FLOPs per token).
   std::size_t active_parameter_count() {
-    std::size_t n = 0;
+    double replicated = 0.0, first_expert = 0.0;  // expert 0 lives on rank 0
     for (const auto& p : model_.parameters()) {
-      if (p.owner == switchmoe::ParameterOwner::kExpert && p.expert != 0) continue;
-      n += static_cast<std::size_t>(p.value->size());
+      if (p.owner != switchmoe::ParameterOwner::kExpert)
+        replicated += static_cast<double>(p.value->size());
+      else if (p.expert == 0)
+        first_expert += static_cast<double>(p.value->size());
     }
-    return n;
+    return static_cast<std::size_t>(replicated + ranks_.sum(first_expert));
   }
 
   // Forward FLOPs per token (multiply-add = 2): projections, attention over the full context as
@@ -336,9 +377,19 @@ class Run {
   }
 
  private:
+  // Clips by the norm of the whole model's gradient: the replicated tensors (identical on every
+  // rank after the reduction) once, each expert on the rank that owns it.
+  void clip_global_grad_norm(const ParamList<float>& params) {
+    const double norm = std::sqrt(ranks_.global_grad_norm_squared(params));
+    if (train_.clip_norm > 0.0 && norm > train_.clip_norm) {
+      const float scale = static_cast<float>(train_.clip_norm / (norm + 1e-12));
+      for (const auto& p : params) *p.grad *= scale;
+    }
+  }
+
   static FeedForward<Policy> make_feed_forward(const ModelConfig& c,
                                                const std::optional<SwitchSettings>& moe,
-                                               std::uint64_t seed, int layer) {
+                                               std::uint64_t seed, int layer, const Ranks& ranks) {
     const std::uint64_t layer_seed = seed * 1000003ULL + static_cast<std::uint64_t>(layer) + 1;
     if (moe && is_switch_layer(layer)) {
       switchmoe::SwitchConfig config;
@@ -350,8 +401,9 @@ class Run {
       config.aux_loss_coef = moe->aux_loss_coef;
       config.z_loss_coef = moe->z_loss_coef;
       config.jitter_eps = moe->jitter_eps;
+      config.routing.group_size = moe->group_size;
       config.seed = layer_seed;
-      return FeedForward<Policy>(config);
+      return FeedForward<Policy>(config, ranks);
     }
     switchmoe::DenseConfig config;
     config.d_model = c.d_model;
@@ -361,6 +413,7 @@ class Run {
   }
 
   std::string name_;
+  Ranks ranks_;
   TrainConfig train_;
   std::optional<SwitchSettings> moe_;
   const TextData& data_;
