@@ -199,11 +199,15 @@ TEST(RandomSecondChoice, DrawsFromTheDocumentedStream) {
   RoutingScheme scheme(o, LossCoefficients{}, seed);
   const int tokens = 64;
   const std::int64_t first_token = 1000;
+  LocalExchange exchange;
   int kept = 0, discarded = 0;
   for (std::uint64_t call = 0; call < 3; ++call) {
     const Matrix<float> logits = random_matrix(tokens, 4, 40 + static_cast<unsigned>(call), 0.7f);
     Routing got;
     scheme.route(logits, Mode::kTrain, first_token, got);
+    // The stream moves on when the call has succeeded everywhere (the scheme concept's
+    // end_route), as a layer's forward does.
+    scheme.end_route(got, Mode::kTrain, exchange);
     const switchmoe::detail::CounterRng rng(seed, switchmoe::detail::Stream::kSecondChoice, call);
     vref::TokenChoiceOptions r = reference_options(o, 0);
     for (int t = 0; t < tokens; ++t) r.second_choice_u.push_back(rng.uniform(first_token + t));
