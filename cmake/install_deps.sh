@@ -9,6 +9,8 @@
 # `apt-get update` once and installs only what is missing, as root or through sudo.
 set -euo pipefail
 
+# Optional, not installed by default (pass it as an extra package): libdnnl-dev, for the oneDNN
+# comparison benchmark (benchmarks/onednn_bench.cpp), which is skipped without it.
 packages=(
   cmake            # build system (>= 3.16)
   make             # CMake's default generator
