@@ -1,4 +1,4 @@
-// expect: The router and the experts of a SwitchLayer disagree on the precision policy.
+// expect: The router and the SwitchLayer disagree on the precision policy.
 #include "switchmoe/layers/switch_layer.hpp"
 
 constexpr auto size = sizeof(

@@ -188,7 +188,8 @@ TEST(SaveWeights, Bf16CheckpointsHoldRoundedMasters) {
   switchmoe::save_weights(writer, source, WeightNames::kSwitchmoe, "", "BF16");
   switchmoe::load_weights(reread(writer), target);
   const auto expected = snapshot(source);
-  const auto loaded = target.parameters();
+  const auto loaded = state(target);  // parameters and buffers, in snapshot's order
+  ASSERT_EQ(loaded.size(), expected.size());
   for (std::size_t i = 0; i < expected.size(); ++i) {
     for (Eigen::Index k = 0; k < expected[i].size(); ++k) {
       std::uint32_t b;

@@ -542,11 +542,15 @@ class FeedForwardBank {
       return part == &routed_ ? xg.outerStride() : shared->x.outerStride();
     };
     if (config_.bias) {
+      // An expert without rows adds nothing (and a block of a row-less buffer would offset a
+      // null pointer).
       for (int e = 0; e < config_.num_ffns; ++e) {
-        routed_.grad_b_out[e] +=
-            dyg.middleRows(offsets[e], offsets[e + 1] - offsets[e]).colwise().sum();
+        const int m = offsets[e + 1] - offsets[e];
+        if (m > 0) routed_.grad_b_out[e] += dyg.middleRows(offsets[e], m).colwise().sum();
       }
-      if (shared != nullptr) shared_.grad_b_out[0] += dy_shared->colwise().sum();
+      if (shared != nullptr && dy_shared->rows() > 0) {
+        shared_.grad_b_out[0] += dy_shared->colwise().sum();
+      }
     }
     // dh = dy * W_out^T, then through dropout and the activation (in place; gated: into
     // dpre), block by block.
@@ -592,6 +596,7 @@ class FeedForwardBank {
         const int d_ff = part->width;
         for (int e = 0; e < part->count; ++e) {
           const int first = (*part->offsets)[e], m = (*part->offsets)[e + 1] - first;
+          if (m == 0) continue;
           if constexpr (kGated) {
             const auto block = part->dpre.view().middleRows(first, m);
             part->grad_b_gate[e] += block.leftCols(d_ff).colwise().sum();
