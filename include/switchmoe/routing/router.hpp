@@ -132,7 +132,7 @@ class Router {
                                kernels::Transpose::kYes, dx.data(), d, 0.0f});
     kernels::gemm<float, Isa>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
                                kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
-    if (config_.bias) {
+    if (config_.bias && tokens > 0) {  // no tokens: nothing to add (and no null-based Map)
       grad_bias_ += Eigen::Map<const Matrix<float>>(dl, tokens, e).colwise().sum();
     }
     if (noise_.size() > 0) dx.array() *= noise_.array();  // x_jittered = x .* noise
