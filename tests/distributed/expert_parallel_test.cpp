@@ -16,6 +16,8 @@
 
 namespace {
 
+using switchmoe_test::thrown;
+
 using switchmoe::Bf16;
 using switchmoe::ExpertParallelSwitchLayer;
 using switchmoe::Fp32;
@@ -117,19 +119,6 @@ SwitchConfig make_config(const Case& c, int ranks) {
 double relative_error(const Matrix<float>& got, const Matrix<float>& want) {
   const double norm = want.cast<double>().norm();
   return (got.cast<double>() - want.cast<double>()).norm() / (norm > 0 ? norm : 1.0);
-}
-
-/// The message of what f throws ("" if nothing; a marker if not std::invalid_argument).
-template <class F>
-std::string thrown(const F& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (...) {
-    return "<not std::invalid_argument>";
-  }
-  return "";
 }
 
 /// Rank 0's string on every rank.

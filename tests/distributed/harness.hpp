@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -58,5 +59,19 @@ class MpiTest : public ::testing::Test {
     }
   }
 };
+
+/// The message of the std::invalid_argument f throws ("" if none, a marker for another type),
+/// so that tests can compare what every rank threw.
+template <class F>
+std::string thrown(const F& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  } catch (...) {
+    return "<not std::invalid_argument>";
+  }
+  return "";
+}
 
 }  // namespace switchmoe_test

@@ -19,6 +19,8 @@
 
 namespace {
 
+using switchmoe_test::thrown;
+
 using switchmoe::ExpertParallelSwitchLayer;
 using switchmoe::Matrix;
 using switchmoe::Mode;
@@ -78,19 +80,6 @@ class Folder {
  private:
   std::string path_;
 };
-
-/// The message of the std::invalid_argument f throws ("" if none, a marker for another type).
-template <class F>
-std::string thrown(const F& f) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  } catch (...) {
-    return "<not std::invalid_argument>";
-  }
-  return "";
-}
 
 /// Expects the router and the owned experts of `got` to equal `want`'s bit for bit.
 template <class Got, class Want>
