@@ -209,6 +209,12 @@ class SwitchLayer {
     try {
       router_.forward(x, mode, out.routing.logits, first_token_);
       scheme_.route(out.routing.logits, mode, first_token_, out.routing);
+      // Bf16RouterAblation (paper Table 2, breaks SEMANTICS 13 on purpose): a bfloat16
+      // softmax's output; the losses were computed from the float32 probabilities.
+      if constexpr (std::is_same_v<typename Policy::RouterElement, Eigen::bfloat16>) {
+        detail::round_to_bf16(out.routing.probs);
+        detail::round_to_bf16(out.routing.gate);
+      }
     } catch (...) {
       error = std::current_exception();
       router_.set_jitter_calls(jitter_calls);  // the failed call draws nothing

@@ -1,6 +1,8 @@
 #pragma once
 // The router (SEMANTICS 2, 3, 13): logits = float32(x) * W_r (+ b_r), with multiplicative
-// jitter on its input in training. It always computes in float32, whatever the policy.
+// jitter on its input in training. It computes in float32 whatever the policy, except under the
+// Bf16RouterAblation policy (paper Table 2's ablation), where it rounds its input, weights and
+// logits to bfloat16.
 
 #include <cstdint>
 #include <limits>
@@ -15,6 +17,16 @@
 #include "switchmoe/kernels/gemm.hpp"
 
 namespace switchmoe {
+namespace detail {
+
+/// Rounds every element of m to the nearest bfloat16 (ties to even), kept as float: how the
+/// Bf16RouterAblation policy stores router values.
+inline void round_to_bf16(Matrix<float>& m) {
+  for (Eigen::Index i = 0; i < m.size(); ++i)
+    m.data()[i] = static_cast<float>(Eigen::bfloat16(m.data()[i]));
+}
+
+}  // namespace detail
 
 struct RouterConfig {
   int d_model = 0;
@@ -31,8 +43,11 @@ template <class Policy = Fp32, class Isa = kernels::isa::Native>
 class Router {
   static_assert(is_precision_v<Policy>,
                 "Router's first template argument must be a switchmoe precision policy.");
-  static_assert(std::is_same_v<typename Policy::RouterElement, float>,
-                "The router computes in float32 whatever the layer's precision (SEMANTICS 13).");
+  static_assert(std::is_same_v<typename Policy::RouterElement, float> ||
+                    std::is_same_v<typename Policy::RouterElement, Eigen::bfloat16>,
+                "The router computes in float32 whatever the layer's precision (SEMANTICS 13), "
+                "or in emulated bfloat16 for the Bf16RouterAblation policy only.");
+  static constexpr bool kBf16 = std::is_same_v<typename Policy::RouterElement, Eigen::bfloat16>;
 
  public:
   using PolicyType = Policy;
@@ -84,9 +99,9 @@ class Router {
     if (first_token < 0) detail::fail("first_token is ", first_token, ", expected >= 0");
     const float* input = x.data();  // [tokens, d_model] what the router multiplies
     Eigen::Index input_stride = x.outerStride();
-    if (mode == Mode::kTrain) {  // keep the (jittered) input for backward
+    if (mode == Mode::kTrain || kBf16) {  // keep the (jittered, rounded) input for backward
       input_ = x;
-      if (config_.jitter_eps > 0.0f) {
+      if (mode == Mode::kTrain && config_.jitter_eps > 0.0f) {
         fill_jitter_noise(x.rows(), first_token, calls_++);
         input_.array() *= noise_.array();
       } else {
@@ -95,11 +110,19 @@ class Router {
       input = input_.data();
       input_stride = config_.d_model;
     }
+    const float* weight = weight_.data();  // [d_model, experts]
+    if constexpr (kBf16) {  // the ablation: what a bfloat16 router would store, rounded
+      detail::round_to_bf16(input_);
+      weight_bf16_ = weight_;
+      detail::round_to_bf16(weight_bf16_);
+      weight = weight_bf16_.data();
+    }
     logits.resize(x.rows(), config_.num_experts);  // [tokens, experts]
     kernels::gemm<float, Isa>({tokens, config_.num_experts, config_.d_model, input, input_stride,
-                               kernels::Transpose::kNo, weight_.data(), config_.num_experts,
+                               kernels::Transpose::kNo, weight, config_.num_experts,
                                kernels::Transpose::kNo, logits.data(), config_.num_experts, 0.0f});
     if (config_.bias) logits.rowwise() += bias_.row(0);
+    if constexpr (kBf16) detail::round_to_bf16(logits);
     has_forward_ = mode == Mode::kTrain;
   }
 
@@ -198,6 +221,7 @@ class Router {
   Matrix<float> input_;    // [tokens, d_model] router input of the last forward, after jitter
   Matrix<float> noise_;    // [tokens, d_model] jitter factors of the last forward, empty if none
   Matrix<float> dlogits_;  // [tokens, experts] contiguous copy of a strided dlogits in backward
+  Matrix<float> weight_bf16_;  // [d_model, experts] Bf16RouterAblation only: the rounded weights
   std::uint64_t calls_ = 0;
   bool has_forward_ = false;
 };
