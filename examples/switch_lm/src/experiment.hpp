@@ -65,6 +65,12 @@ RunSummary summarize(Run<Policy>& run, int steps) {
   s.train_seconds = run.train_seconds();
   s.steps = steps;
   s.curve = run.curve();
+  const TrainingStats& t = run.training_stats();
+  s.dropped_fraction = t.dropped_fraction();
+  s.router_entropy = t.router_entropy();
+  s.loss_spikes = t.loss_spikes;
+  s.max_train_bits = t.max_train_bits;
+  s.finite = t.finite;
   return s;
 }
 
@@ -115,8 +121,17 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
   }
   ProgressLine progress;
   const ModelConfig& mc = options.model;
-  Run<Policy> dense("dense", mc, options.train, std::nullopt, options.seed, data, ranks);
-  Run<Policy> moe("switch", mc, options.train, options.moe, options.seed, data, ranks);
+  // --only dense|switch trains one of the two; the comparison needs both.
+  std::optional<Run<Policy>> dense, moe;
+  if (options.only != "switch")
+    dense.emplace("dense", mc, options.train, std::nullopt, options.seed, data, ranks,
+                  options.variant);
+  if (options.only != "dense")
+    moe.emplace("switch", mc, options.train, options.moe, options.seed, data, ranks,
+                options.variant);
+  std::vector<Run<Policy>*> runs;
+  if (dense) runs.push_back(&*dense);
+  if (moe) runs.push_back(&*moe);
   if (ranks.enabled) {
     progress.print(
         strprintf("expert parallel: %d ranks, each with %d of the %d experts of every "
@@ -125,27 +140,44 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
                   options.train.batch / ranks.size, options.train.batch));
   }
   const auto& m = options.moe;
+  const Variant& v = options.variant;
   progress.print(strprintf(
       "model: d_model %d, layers %d, heads %d, d_ff %d, context %d, precision %s; Switch: %d "
       "experts "
       "in blocks 1,3,..., capacity factor %.2f (eval %.2f), aux coef %.3g",
       mc.d_model, mc.layers, mc.heads, mc.d_ff, mc.context, options.precision.c_str(), m.experts,
       m.capacity_factor, m.eval_capacity_factor, static_cast<double>(m.aux_loss_coef)));
+  progress.print(
+      strprintf("variant: top-%d%s, init scale %.2g, dropout %.2g, expert dropout %.2g%s", v.top_k,
+                v.dropless ? ", dropless" : "", static_cast<double>(v.init_scale),
+                static_cast<double>(v.dropout), static_cast<double>(v.expert_dropout_or_default()),
+                options.only.empty() ? "" : (", only the " + options.only + " model").c_str()));
   progress.print(strprintf(
       "training: %d steps of %d x %d tokens, lr %.3g (warm-up %d, cosine to %.2gx), "
       "seed %llu",
       options.train.steps, options.train.batch, mc.context, options.train.lr, options.train.warmup,
       options.train.final_lr_fraction, static_cast<unsigned long long>(options.seed)));
-  progress.print(
-      strprintf("parameters: dense %s, switch %s (%s active per token); forward FLOPs/token: "
-                "dense %s, switch %s",
-                format_count(static_cast<double>(dense.parameter_count())).c_str(),
-                format_count(static_cast<double>(moe.parameter_count())).c_str(),
-                format_count(static_cast<double>(moe.active_parameter_count())).c_str(),
-                format_count(dense.forward_flops_per_token()).c_str(),
-                format_count(moe.forward_flops_per_token()).c_str()));
+  {
+    std::string line = "parameters:";
+    for (auto* run : runs)
+      line += strprintf(" %s %s (%s active per token, forward FLOPs/token %s)", run->name().c_str(),
+                        format_count(static_cast<double>(run->parameter_count())).c_str(),
+                        format_count(static_cast<double>(run->active_parameter_count())).c_str(),
+                        format_count(run->forward_flops_per_token()).c_str());
+    progress.print(line);
+  }
 
-  // --resume: both runs continue from the saved step, their state as it was then.
+  // --load DIR (no --generate): fine-tuning starts from the saved weights (only the weights: the
+  // optimizer, schedule and data position are the new run's).
+  if (!options.load.empty()) {
+    const nlohmann::json state = read_state(options.load);
+    const int step = with_state_errors(options.load, [&] { return state.at("step").get<int>(); });
+    for (auto* run : runs) load_model(run->model(), model_file(options.load, run->name()), step);
+    progress.print(strprintf("fine-tuning the models of %s (after step %d) on %s",
+                             options.load.c_str(), step, data.source.c_str()));
+  }
+
+  // --resume: the runs continue from the saved step, their state as it was then.
   int first = 1;
   if (!options.resume.empty()) {
     const nlohmann::json state = read_state(options.resume);
@@ -155,7 +187,7 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
                                  state.at("text").get<std::string>() + ") than " + data.source);
       return state.at("step").get<int>();
     });
-    for (auto* run : {&dense, &moe}) {
+    for (auto* run : runs) {
       const nlohmann::json& saved = with_state_errors(
           options.resume,
           [&]() -> const nlohmann::json& { return state.at("runs").at(run->name()); });
@@ -166,8 +198,7 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
   }
   const int last =
       options.stop_at > 0 ? std::min(options.stop_at, options.train.steps) : options.train.steps;
-  if (first <= last)
-    train_lockstep<Policy>({&dense, &moe}, options, progress, nullptr, first, last);
+  if (first <= last) train_lockstep<Policy>(runs, options, progress, nullptr, first, last);
   const int reached = std::max(first - 1, last);
 
   if (!options.save.empty()) {
@@ -183,9 +214,11 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
     state["config"] = training_options(options);
     state["text"] = data.source;
     state["text_checksum"] = text_checksum(data);
-    for (auto* run : {&dense, &moe}) state["runs"][run->name()] = run->save(options.save, reached);
+    for (auto* run : runs) state["runs"][run->name()] = run->save(options.save, reached);
     write_state(options.save, state);  // last: the files it names are complete
-    progress.print(strprintf("saved both runs after step %d to %s", reached, options.save.c_str()));
+    progress.print(strprintf("saved %s after step %d to %s",
+                             runs.size() == 2 ? "both runs" : runs[0]->name().c_str(), reached,
+                             options.save.c_str()));
   }
   if (reached < options.train.steps) {
     progress.print(strprintf("stopped after step %d of %d; continue with --resume %s", reached,
@@ -193,32 +226,45 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
     return 0;
   }
 
-  std::vector<RunSummary> summaries{summarize(dense, options.train.steps),
-                                    summarize(moe, options.train.steps)};
+  std::vector<RunSummary> summaries;
+  for (auto* run : runs) summaries.push_back(summarize(*run, options.train.steps));
   std::string report = "\n" + comparison_table(summaries);
-  const double target = summaries[0].final_valid_bits;
-  const auto hit = first_reaching(summaries[1].curve, target);
-  const double switch_at_dense_time =
-      valid_bits_at_seconds(summaries[1].curve, summaries[0].train_seconds);
-  if (hit) {
-    const double step_fraction = hit->step / options.train.steps;
+  nlohmann::json extra = nlohmann::json::object();
+  if (dense && moe) {
+    const double target = summaries[0].final_valid_bits;
+    const auto hit = first_reaching(summaries[1].curve, target);
+    const double switch_at_dense_time =
+        valid_bits_at_seconds(summaries[1].curve, summaries[0].train_seconds);
+    nlohmann::json headline = {{"target_bits", target},
+                               {"dense_seconds", summaries[0].train_seconds},
+                               {"switch_bits_at_dense_seconds", switch_at_dense_time},
+                               {"steps", options.train.steps}};
+    if (hit) {
+      const double step_fraction = hit->step / options.train.steps;
+      headline["switch_step_to_target"] = hit->step;
+      headline["switch_seconds_to_target"] = hit->seconds;
+      report += strprintf(
+          "\nSwitch reached the dense run's final validation loss (%.4f bits/byte) at step %.0f = "
+          "%.0f%% "
+          "of the dense steps (target <= 60%%: %s),\nafter %.1f s of training = %.0f%% of the "
+          "dense "
+          "run's %.1f s.\n",
+          target, hit->step, 100.0 * step_fraction, step_fraction <= 0.6 ? "met" : "NOT met",
+          hit->seconds, 100.0 * hit->seconds / summaries[0].train_seconds,
+          summaries[0].train_seconds);
+    } else {
+      report += strprintf(
+          "\nSwitch did not reach the dense run's final validation loss (%.4f bits/byte).\n",
+          target);
+    }
+    extra["headline"] = headline;
     report += strprintf(
-        "\nSwitch reached the dense run's final validation loss (%.4f bits/byte) at step %.0f = "
-        "%.0f%% "
-        "of the dense steps (target <= 60%%: %s),\nafter %.1f s of training = %.0f%% of the dense "
-        "run's %.1f s.\n",
-        target, hit->step, 100.0 * step_fraction, step_fraction <= 0.6 ? "met" : "NOT met",
-        hit->seconds, 100.0 * hit->seconds / summaries[0].train_seconds,
-        summaries[0].train_seconds);
-  } else {
-    report += strprintf(
-        "\nSwitch did not reach the dense run's final validation loss (%.4f bits/byte).\n", target);
+        "At the dense run's total training time (%.1f s) Switch is at %.4f bits/byte vs dense "
+        "%.4f: "
+        "%s.\n",
+        summaries[0].train_seconds, switch_at_dense_time, target,
+        switch_at_dense_time < target ? "Switch ahead at equal wall-clock" : "Switch NOT ahead");
   }
-  report += strprintf(
-      "At the dense run's total training time (%.1f s) Switch is at %.4f bits/byte vs dense %.4f: "
-      "%s.\n",
-      summaries[0].train_seconds, switch_at_dense_time, target,
-      switch_at_dense_time < target ? "Switch ahead at equal wall-clock" : "Switch NOT ahead");
 
   if (options.distill) {
     progress.print(strprintf(
@@ -228,36 +274,49 @@ int run_experiment(const Options& options, const TextData& data, const Ranks& ra
     // Two students from the same start (the teacher's non-expert weights), trained in lockstep on
     // the same batches: one with the teacher's soft targets, one with the labels alone. The second
     // separates the effect of distillation from that of the extra training the start gives.
-    Run<Policy> student("distilled", mc, options.train, std::nullopt, options.seed, data);
-    Run<Policy> control("hard-only", mc, options.train, std::nullopt, options.seed, data);
+    Run<Policy> student("distilled", mc, options.train, std::nullopt, options.seed, data, Ranks(),
+                        options.variant);
+    Run<Policy> control("hard-only", mc, options.train, std::nullopt, options.seed, data, Ranks(),
+                        options.variant);
     student.set_teacher_weight(options.distill_teacher_weight);
     control.set_teacher_weight(0.0);
-    const int copied = student.copy_matching_parameters(moe);
-    control.copy_matching_parameters(moe);
+    const int copied = student.copy_matching_parameters(*moe);
+    control.copy_matching_parameters(*moe);
     progress.print(strprintf("students start from %d tensors of the teacher", copied));
-    train_lockstep<Policy>({&student, &control}, options, progress, &moe);
+    train_lockstep<Policy>({&student, &control}, options, progress, &*moe);
     summaries.push_back(summarize(student, options.train.steps));
     summaries.push_back(summarize(control, options.train.steps));
-    const double gain = summaries[0].final_valid_bits - summaries[1].final_valid_bits;
-    const double kept = summaries[0].final_valid_bits - summaries[2].final_valid_bits;
-    report += strprintf(
-        "Distilled dense student: %.4f bits/byte; it keeps %.0f%% of the Switch model's gain over "
-        "the dense baseline (%.4f of %.4f bits/byte).\nSame start, labels only: %.4f bits/byte "
-        "(the part of the student's gain that comes from its longer training, not from the "
-        "teacher).\n",
-        summaries[2].final_valid_bits, gain > 0 ? 100.0 * kept / gain : 0.0, kept, gain,
-        summaries[3].final_valid_bits);
+    const std::size_t s_dense = 0, s_switch = summaries.size() - 3;
+    const double base = dense ? summaries[s_dense].final_valid_bits : 0.0;
+    const double gain = base - summaries[s_switch].final_valid_bits;
+    const double kept = base - summaries[summaries.size() - 2].final_valid_bits;
+    if (dense) {
+      extra["distill"] = {{"teacher_weight", options.distill_teacher_weight},
+                          {"gain_bits", gain},
+                          {"kept_bits", kept},
+                          {"kept_fraction", gain > 0 ? kept / gain : 0.0}};
+      report += strprintf(
+          "Distilled dense student: %.4f bits/byte; it keeps %.0f%% of the Switch model's gain "
+          "over "
+          "the dense baseline (%.4f of %.4f bits/byte).\nSame start, labels only: %.4f bits/byte "
+          "(the part of the student's gain that comes from its longer training, not from the "
+          "teacher).\n",
+          summaries[summaries.size() - 2].final_valid_bits, gain > 0 ? 100.0 * kept / gain : 0.0,
+          kept, gain, summaries.back().final_valid_bits);
+    }
   }
 
   const std::string csv = options.out + "/curves.csv";
   if (writer) {
     write_curves_csv(csv, summaries);
-    report += "curves: " + csv + "\n" + plot_curves(options.out, csv, summaries) + "\n";
+    write_summary(options.out + "/summary.json", training_options(options), summaries, extra);
+    report += "curves: " + csv + ", summary: " + options.out + "/summary.json\n" +
+              plot_curves(options.out, csv, summaries) + "\n";
   }
 
   report += "\nsamples (prompt \"" + escaped(options.prompt) + "\", temperature " +
             strprintf("%.2f", options.temperature) + "):\n";
-  for (auto* run : {&dense, &moe}) {
+  for (auto* run : runs) {
     report += "--- " + run->name() + " ---\n" +
               printable(run->generate(options.prompt, options.sample_bytes, options.temperature,
                                       options.seed)) +
@@ -294,7 +353,7 @@ int generate_from_checkpoint(const Options& options) {
     const std::string name = is_switch ? "switch" : "dense";
     auto model = Run<Policy>::build_model(
         options.model, is_switch ? std::optional<SwitchSettings>(options.moe) : std::nullopt,
-        options.seed);
+        options.seed, Ranks(), options.variant);
     load_model(model, model_file(options.load, name), step);
     std::printf("--- %s ---\n%s\n", name.c_str(),
                 printable(generate_text(model, options.prompt, options.sample_bytes,

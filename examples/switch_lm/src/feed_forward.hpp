@@ -4,6 +4,7 @@
 // Switch layers replace every other FFN). Both use the same activation and the same d_ff, so a
 // token costs the same FLOPs in either (plus the router's d_model x experts product).
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -80,6 +81,7 @@ class FeedForward {
         layer_);
     aux_loss_ = static_cast<double>(out.loss);
     load_ = expert_load(out.stats);
+    if (mode == switchmoe::Mode::kTrain) router_entropy_ = mean_entropy(out.routing.probs);
     return std::move(out.y);
   }
 
@@ -170,6 +172,22 @@ class FeedForward {
   double aux_loss() const { return aux_loss_; }
   // Expert load of the last forward (empty for a dense layer).
   const ExpertLoad& load() const { return load_; }
+  // Mean over tokens of the router's softmax entropy (nats) in the last training forward: log E
+  // for a uniform router, 0 for a one-hot one (paper section 2.4's stability diagnostic).
+  double router_entropy() const { return router_entropy_; }
+
+  // probs: [tokens, experts] rows summing to 1 -> mean of -sum_e p log p over the rows.
+  static double mean_entropy(const switchmoe::Matrix<float>& probs) {
+    if (probs.rows() == 0) return 0.0;
+    double total = 0.0;
+    for (Eigen::Index t = 0; t < probs.rows(); ++t) {
+      for (Eigen::Index e = 0; e < probs.cols(); ++e) {
+        const double p = probs(t, e);
+        if (p > 0.0) total -= p * std::log(p);
+      }
+    }
+    return total / static_cast<double>(probs.rows());
+  }
 
  private:
   static constexpr switchmoe::WeightNames kNames = switchmoe::WeightNames::kSwitchmoe;
@@ -192,6 +210,7 @@ class FeedForward {
                >
       layer_;
   double aux_loss_ = 0.0;
+  double router_entropy_ = 0.0;
   ExpertLoad load_;
 };
 

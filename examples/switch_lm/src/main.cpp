@@ -73,8 +73,12 @@ int main(int argc, char** argv) {
     options = parse_options(argc, argv);
     // A checkpoint's options are the defaults of a resumed or loaded run.
     const std::string& checkpoint = options.resume.empty() ? options.load : options.resume;
-    if (!checkpoint.empty() && !options.help)
-      options = checkpoint_options(argc, argv, checkpoint, read_state(checkpoint).at("config"));
+    const bool fine_tune = options.resume.empty() && !options.load.empty() && !options.generate;
+    if (!checkpoint.empty() && !options.help) {
+      const nlohmann::json saved = read_state(checkpoint).at("config");
+      options = fine_tune ? fine_tune_options(options, checkpoint, saved)
+                          : checkpoint_options(argc, argv, checkpoint, saved);
+    }
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "error: %s\n(see switch_lm --help)\n", e.what());
     return 2;
@@ -106,15 +110,19 @@ int main(int argc, char** argv) {
   try {
     if (options.generate) {
       if (options.precision == "bf16") return generate_from_checkpoint<switchmoe::Bf16>(options);
+      if (options.precision == "bf16-router")
+        return generate_from_checkpoint<switchmoe::Bf16RouterAblation>(options);
       return generate_from_checkpoint<switchmoe::Fp32>(options);
     }
-    const TextData data = options.data.empty() ? load_fortunes() : load_text_file(options.data);
+    const TextData data = options.data.empty() ? load_fortunes() : load_text_path(options.data);
     std::printf("data: %s: %zu training bytes, %zu validation bytes; %d OpenMP threads\n",
                 data.source.c_str(), data.train.size(), data.valid.size(), omp_get_max_threads());
     if (ranks.enabled)
       std::printf("expert parallel: %d MPI ranks x %d OpenMP threads\n", ranks.size,
                   omp_get_max_threads());
     if (options.precision == "bf16") return run_experiment<switchmoe::Bf16>(options, data, ranks);
+    if (options.precision == "bf16-router")
+      return run_experiment<switchmoe::Bf16RouterAblation>(options, data, ranks);
     return run_experiment<switchmoe::Fp32>(options, data, ranks);
   } catch (const std::exception& e) {
     std::fflush(stdout);

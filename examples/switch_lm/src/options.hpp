@@ -38,6 +38,9 @@ struct Options {
   double temperature = 0.8;
   bool help = false;
   bool expert_parallel = false;  // --expert-parallel: split the experts over the MPI ranks
+  // paper.sh (the paper's ablations): what else a run varies, and which runs to train.
+  Variant variant;
+  std::string only;  // "dense" or "switch": train that run alone; empty: both, compared
 };
 
 inline const char* usage() {
@@ -47,7 +50,10 @@ Trains a byte-level transformer LM twice on the same data, with dense FFNs and w
 
 data and output
   --data FILE              train on FILE (default: the Debian `fortunes` files)
-  --out DIR                write curves.csv, curves.png, report.txt there (default switch_lm_out)
+  --data DIR               train on the regular files of DIR in name order, concatenated
+                           (e.g. /usr/share/common-licenses; symbolic links skipped)
+  --out DIR                write curves.csv, curves.png, report.txt, summary.json there
+                           (default switch_lm_out)
   --quick                  about a minute on 2 cores; fails unless both runs end below 4.5 bits/byte
 model
   --d-model N --layers N --heads N --d-ff N --context N
@@ -58,6 +64,8 @@ Switch layers
   --aux-coef X             load-balancing loss coefficient
   --z-coef X               router z-loss coefficient
   --jitter X               router input jitter epsilon
+  --top-k K                experts per token (default 1 = Switch; 2 = the MoE top-2 baseline)
+  --dropless               no expert capacity: no token is dropped
   --router-lr-scale X      learning-rate multiplier of the routers
   --expert-weight-decay 0|1  weight decay on the expert matrices
   --group-size N           routing group tokens (default 0: all tokens of a call, i.e. of a
@@ -66,7 +74,14 @@ training
   --steps N --batch N --lr X --warmup N --final-lr-fraction X --weight-decay X --clip X
   --eval-interval N        steps between validation evaluations
   --eval-tokens N          validation tokens per evaluation
-  --precision fp32|bf16    precision policy of the library layers
+  --precision fp32|bf16|bf16-router
+                           precision policy of the library layers: switchmoe::Fp32, Bf16
+                           (bfloat16 experts, float32 router) or Bf16RouterAblation (bfloat16
+                           router too: the paper's Table 2 ablation, unstable by design)
+  --init-scale X           initialization scale s of every weight (default 0.1; paper Table 3)
+  --dropout X              dropout on the hidden activation of the dense FFNs (default 0)
+  --expert-dropout X       dropout inside the experts (default: --dropout; paper Table 4)
+  --only dense|switch      train that model alone (no comparison); summary.json as always
   --threads N              OpenMP threads (default 1: fastest for the default model's small
                            matrices; 0 = OpenMP default; deterministic for a given count)
   --seed N
@@ -83,6 +98,9 @@ checkpoints (safetensors; see README.md)
   --resume DIR             continue the runs saved in DIR exactly (options default to the saved
                            ones; a training option that differs from them is an error)
   --load DIR --generate    sample text from the models saved in DIR, without training
+  --load DIR               without --generate: fine-tune the models saved in DIR (their shape
+                           options are taken from DIR; weights only: a fresh optimizer and
+                           schedule) on --data for --steps
   --prompt TEXT --temperature X   what --generate samples after (default "%\n", 0.8)
 )";
 }
@@ -214,9 +232,25 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
       o.temperature = real(0.0, false);
     else if (key == "--precision") {
       o.precision = next();
-      if (o.precision != "fp32" && o.precision != "bf16")
+      if (o.precision != "fp32" && o.precision != "bf16" && o.precision != "bf16-router")
         throw std::invalid_argument("option --precision = '" + o.precision +
-                                    "': expected fp32 or bf16");
+                                    "': expected fp32, bf16 or bf16-router");
+    } else if (key == "--top-k") {
+      o.variant.top_k = integer(1);
+    } else if (key == "--dropless") {
+      o.variant.dropless = true;
+    } else if (key == "--init-scale") {
+      o.variant.init_scale = static_cast<float>(real(0.0, false));
+    } else if (key == "--dropout" || key == "--expert-dropout") {
+      const double p = real(0.0, true);
+      if (p >= 1.0)
+        throw std::invalid_argument("option " + key + " = " + std::to_string(p) +
+                                    ": expected a probability in [0, 1)");
+      (key == "--dropout" ? o.variant.dropout : o.variant.expert_dropout) = static_cast<float>(p);
+    } else if (key == "--only") {
+      o.only = next();
+      if (o.only != "dense" && o.only != "switch")
+        throw std::invalid_argument("option --only = '" + o.only + "': expected dense or switch");
     } else {
       throw std::invalid_argument("unknown option '" + args[i] + "'");
     }
@@ -229,14 +263,18 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
     throw std::invalid_argument(
         "options --resume and --load exclude each other (--resume DIR "
         "trains on, --load DIR --generate only samples)");
-  if (o.generate != !o.load.empty())
-    throw std::invalid_argument(o.generate ? "option --generate needs --load DIR"
-                                           : "option --load = '" + o.load +
-                                                 "' needs --generate (to train on, use --resume)");
+  if (o.generate && o.load.empty())
+    throw std::invalid_argument("option --generate needs --load DIR");
+  if (o.variant.top_k > o.moe.experts)
+    throw std::invalid_argument("option --top-k = " + std::to_string(o.variant.top_k) +
+                                ": expected at most --experts = " + std::to_string(o.moe.experts));
+  if (o.distill && o.only == "dense")
+    throw std::invalid_argument("option --distill needs the Switch teacher (not --only dense)");
   if (o.stop_at > 0 && o.save.empty())
     throw std::invalid_argument("option --stop-at = " + std::to_string(o.stop_at) +
                                 " needs --save DIR (a stopped run is only useful resumed)");
-  if (o.expert_parallel && (o.distill || o.generate || !o.save.empty() || !o.resume.empty()))
+  if (o.expert_parallel &&
+      (o.distill || o.generate || !o.save.empty() || !o.resume.empty() || !o.load.empty()))
     throw std::invalid_argument(
         "option --expert-parallel: not supported with --distill, --generate, --save or --resume");
   if (o.distill_teacher_weight > 1.0)
@@ -272,7 +310,31 @@ inline nlohmann::json training_options(const Options& o) {
           {"clip", o.train.clip_norm},
           {"seed", o.seed},
           {"precision", o.precision},
-          {"data", o.data}};
+          {"data", o.data},
+          {"top-k", o.variant.top_k},
+          {"dropless", o.variant.dropless ? 1 : 0},
+          {"init-scale", o.variant.init_scale},
+          {"dropout", o.variant.dropout},
+          {"expert-dropout", o.variant.expert_dropout_or_default()},
+          {"only", o.only}};
+}
+
+// --load DIR without --generate (fine-tuning): the command line's options, with the model's shape
+// (which must match the saved weights) taken from the checkpoint's.
+inline Options fine_tune_options(Options o, const std::string& dir, const nlohmann::json& saved) {
+  try {
+    o.model.d_model = saved.at("d-model").get<int>();
+    o.model.layers = saved.at("layers").get<int>();
+    o.model.heads = saved.at("heads").get<int>();
+    o.model.d_ff = saved.at("d-ff").get<int>();
+    o.model.context = saved.at("context").get<int>();
+    o.moe.experts = saved.at("experts").get<int>();
+    o.variant.top_k = saved.value("top-k", 1);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::invalid_argument("checkpoint '" + dir + "': state.json has malformed options (" +
+                                e.what() + ")");
+  }
+  return o;
 }
 
 // The command line parsed over the options saved in a checkpoint (`saved`, from state.json of
@@ -306,6 +368,13 @@ inline Options checkpoint_options(int argc, char** argv, const std::string& dir,
     base.seed = saved.at("seed").get<std::uint64_t>();
     base.precision = saved.at("precision").get<std::string>();
     base.data = saved.at("data").get<std::string>();
+    // Absent from older checkpoints: the defaults.
+    base.variant.top_k = saved.value("top-k", 1);
+    base.variant.dropless = saved.value("dropless", 0) != 0;
+    base.variant.init_scale = saved.value("init-scale", Variant().init_scale);
+    base.variant.dropout = saved.value("dropout", 0.0f);
+    base.variant.expert_dropout = saved.value("expert-dropout", base.variant.dropout);
+    base.only = saved.value("only", std::string());
   } catch (const nlohmann::json::exception& e) {
     throw std::invalid_argument("checkpoint '" + dir + "': state.json has malformed options (" +
                                 e.what() + ")");

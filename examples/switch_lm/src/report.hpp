@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,6 +25,12 @@ struct RunSummary {
   double train_seconds = 0.0;
   int steps = 0;
   std::vector<EvalPoint> curve;
+  // Over the whole training run (Switch runs; 0 for dense): paper.sh's columns.
+  double dropped_fraction = 0.0;
+  double router_entropy = 0.0;  // nats, mean over tokens and Switch layer calls
+  int loss_spikes = 0;          // training steps > 0.3 bits/byte above the running mean
+  double max_train_bits = 0.0;  // after warm-up
+  bool finite = true;           // every training loss was finite
 };
 
 struct Crossing {
@@ -113,6 +120,73 @@ inline void write_curves_csv(const std::string& path, const std::vector<RunSumma
       out << line;
     }
   }
+}
+
+// summary.json: one machine-readable record per run (paper.sh's report reads it back).
+inline nlohmann::json summary_json(const RunSummary& r) {
+  nlohmann::json curve = nlohmann::json::array();
+  for (const auto& p : r.curve)
+    curve.push_back({{"step", p.step},
+                     {"tokens", p.tokens},
+                     {"seconds", p.seconds},
+                     {"train_bits", p.train_bits},
+                     {"valid_bits", p.valid_bits}});
+  return {{"name", r.name},
+          {"parameters", r.parameters},
+          {"active_parameters", r.active_parameters},
+          {"flops_per_token", r.flops_per_token},
+          {"final_valid_bits", r.final_valid_bits},
+          {"initial_valid_bits", r.curve.empty() ? 0.0 : r.curve.front().valid_bits},
+          {"tokens_per_second", r.tokens_per_second},
+          {"train_seconds", r.train_seconds},
+          {"steps", r.steps},
+          {"dropped_fraction", r.dropped_fraction},
+          {"router_entropy", r.router_entropy},
+          {"loss_spikes", r.loss_spikes},
+          {"max_train_bits", r.max_train_bits},
+          {"finite", r.finite},
+          {"curve", curve}};
+}
+
+inline RunSummary summary_from_json(const nlohmann::json& j) {
+  RunSummary r;
+  r.name = j.at("name").get<std::string>();
+  r.parameters = j.at("parameters").get<std::size_t>();
+  r.active_parameters = j.at("active_parameters").get<std::size_t>();
+  r.flops_per_token = j.at("flops_per_token").get<double>();
+  r.final_valid_bits = j.at("final_valid_bits").get<double>();
+  r.tokens_per_second = j.at("tokens_per_second").get<double>();
+  r.train_seconds = j.at("train_seconds").get<double>();
+  r.steps = j.at("steps").get<int>();
+  r.dropped_fraction = j.at("dropped_fraction").get<double>();
+  r.router_entropy = j.at("router_entropy").get<double>();
+  r.loss_spikes = j.at("loss_spikes").get<int>();
+  r.max_train_bits = j.at("max_train_bits").get<double>();
+  r.finite = j.at("finite").get<bool>();
+  for (const auto& p : j.at("curve"))
+    r.curve.push_back({p.at("step").get<int>(), p.at("tokens").get<double>(),
+                       p.at("seconds").get<double>(), p.at("train_bits").get<double>(),
+                       p.at("valid_bits").get<double>()});
+  return r;
+}
+
+// Writes {"options": ..., "runs": [...], ...extra} to path (atomically: a temporary, renamed).
+inline void write_summary(const std::string& path, const nlohmann::json& options,
+                          const std::vector<RunSummary>& runs,
+                          const nlohmann::json& extra = nlohmann::json::object()) {
+  nlohmann::json j = extra;
+  j["format"] = "switch_lm summary 1";
+  j["options"] = options;
+  j["runs"] = nlohmann::json::array();
+  for (const auto& r : runs) j["runs"].push_back(summary_json(r));
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    if (!out) throw std::runtime_error("cannot write '" + tmp + "'");
+    out << j.dump(1) << "\n";
+    if (!out) throw std::runtime_error("cannot write '" + tmp + "'");
+  }
+  std::filesystem::rename(tmp, path);
 }
 
 inline bool gnuplot_available() { return std::system("command -v gnuplot >/dev/null 2>&1") == 0; }

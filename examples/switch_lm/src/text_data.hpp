@@ -58,6 +58,36 @@ inline TextData load_text_file(const std::string& path, double valid_fraction = 
   return data;
 }
 
+// The regular files of a directory (symbolic links and hidden files skipped, so that aliases such
+// as common-licenses' GPL -> GPL-3 count once), in name order, concatenated; the last
+// valid_fraction of the concatenation is the validation part. A file path is load_text_file's.
+inline TextData load_text_path(const std::string& path, double valid_fraction = 0.1) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) return load_text_file(path, valid_fraction);
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(path, ec)) {
+    if (entry.is_symlink(ec) || !entry.is_regular_file(ec)) continue;
+    if (entry.path().filename().string().rfind('.', 0) == 0) continue;
+    files.push_back(entry.path());
+  }
+  if (ec)
+    throw std::runtime_error("data directory '" + path + "' cannot be listed: " + ec.message());
+  std::sort(files.begin(), files.end());
+  std::vector<std::uint8_t> bytes;
+  for (const auto& file : files) {
+    const auto b = read_bytes(file);
+    bytes.insert(bytes.end(), b.begin(), b.end());
+  }
+  if (bytes.empty())
+    throw std::runtime_error("data directory '" + path + "' holds no non-empty regular file");
+  TextData data;
+  split_into(bytes, valid_fraction, data);
+  data.source = path + " (" + std::to_string(files.size()) + " files, " +
+                std::to_string(bytes.size()) + " bytes)";
+  return data;
+}
+
 // The plain-text fortune files of a directory (not the .dat indexes nor the .u8 variants), in
 // name order. Each file contributes its last valid_fraction of bytes to validation, so that the
 // validation text samples every topic rather than the alphabetically last ones.

@@ -2,6 +2,7 @@
 // One training run of a language model (dense, Switch, or a distilled student): data, model,
 // optimizer, timing, evaluation, and the curve of validation loss.
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -44,6 +45,46 @@ struct SwitchSettings {
   double router_lr_scale = 1.0;  // learning-rate multiplier of the routers
   int group_size = 0;            // routing group tokens (0: each call's tokens, per rank)
   bool expert_weight_decay = true;
+};
+
+// What the paper's ablations vary besides the Switch settings (paper.sh, paper section 2.4 and
+// Tables 1-4). The defaults are the demonstration's: top-1, capacity, init scale 0.1, no dropout.
+struct Variant {
+  int top_k = 1;            // --top-k: experts per token (2: the MoE top-2 baseline of Table 1)
+  bool dropless = false;    // --dropless: no expert capacity, nothing dropped
+  float init_scale = 0.1f;  // --init-scale: SEMANTICS 11's s, for every weight of the model
+  float dropout = 0.0f;     // --dropout: on the hidden activation of every dense FFN
+  float expert_dropout = -1.0f;  // --expert-dropout: inside the experts (< 0: same as dropout)
+
+  float expert_dropout_or_default() const {
+    return expert_dropout < 0.0f ? dropout : expert_dropout;
+  }
+};
+
+// Routing statistics of a whole training run (paper.sh's stability and drop columns).
+struct TrainingStats {
+  double dropped_sum = 0.0;     // dropped fraction summed over Switch layer calls
+  double entropy_sum = 0.0;     // mean router entropy (nats) summed over Switch layer calls
+  long long layer_calls = 0;    // Switch layer training calls
+  int loss_spikes = 0;          // steps whose training loss exceeded the running mean by > 0.3 bits
+  double max_train_bits = 0.0;  // largest training loss after warm-up
+  double ema_bits = 0.0;        // running mean (exponential, 0.05) of the training loss
+  bool finite = true;           // every training loss was finite
+
+  // Called once per step with its training loss in bits per byte.
+  void add_step(int step, int warmup, double loss_bits) {
+    if (!std::isfinite(loss_bits)) finite = false;
+    if (step == 1) ema_bits = loss_bits;
+    if (step > std::max(warmup, 20)) {
+      if (loss_bits > ema_bits + kSpikeBits) ++loss_spikes;
+      max_train_bits = std::max(max_train_bits, loss_bits);
+    }
+    ema_bits += 0.05 * (loss_bits - ema_bits);
+  }
+  double dropped_fraction() const { return layer_calls ? dropped_sum / layer_calls : 0.0; }
+  double router_entropy() const { return layer_calls ? entropy_sum / layer_calls : 0.0; }
+
+  static constexpr double kSpikeBits = 0.3;
 };
 
 struct EvalPoint {
@@ -89,29 +130,42 @@ class Run {
 
   Run(std::string name, const ModelConfig& model_config, const TrainConfig& train,
       std::optional<SwitchSettings> moe, std::uint64_t seed, const TextData& data,
-      const Ranks& ranks = Ranks())
+      const Ranks& ranks = Ranks(), const Variant& variant = Variant())
       : name_(std::move(name)),
         ranks_(ranks),
         train_(train),
         moe_(moe),
         data_(data),
-        model_(build_model(model_config, moe, seed, ranks)),
+        model_(build_model(model_config, moe, seed, ranks, variant)),
         optimizer_(train.adamw),
         schedule_{train.lr, train.warmup, train.steps, train.final_lr_fraction},
         sampler_(data.train, train.batch, model_config.context, seed),
         valid_offsets_(validation_offsets(data.valid.size(), model_config.context,
                                           static_cast<std::size_t>(train.eval_tokens))) {
     if (moe_) loads_.resize(static_cast<std::size_t>(model_config.layers));
+    top_k_ = variant.top_k;
   }
 
   // The model a run of these settings starts from (a Switch model when `moe` is given).
   // With `ranks` enabled, its Switch layers hold this rank's experts (construction is collective).
   static Model build_model(const ModelConfig& model_config,
                            const std::optional<SwitchSettings>& moe, std::uint64_t seed,
-                           const Ranks& ranks = Ranks()) {
-    return Model(model_config, seed, [&](int layer, std::mt19937_64&) {
-      return make_feed_forward(model_config, moe, seed, layer, ranks);
+                           const Ranks& ranks = Ranks(), const Variant& variant = Variant()) {
+    Model model(model_config, seed, [&](int layer, std::mt19937_64&) {
+      return make_feed_forward(model_config, moe, seed, layer, ranks, variant);
     });
+    // --init-scale s: the library layers draw with std sqrt(s / fan_in) (SEMANTICS 11); the
+    // model's own weights (embeddings, attention, head: std 0.02 at the default s = 0.1) are
+    // scaled alike, by sqrt(s / 0.1), so that s = 1.0 is the paper's 10x scale everywhere.
+    if (variant.init_scale != Variant().init_scale) {
+      const float factor = std::sqrt(static_cast<float>(variant.init_scale) / Variant().init_scale);
+      for (auto& p : model.parameters()) {
+        const bool library = p.name.find(".ffn.") != std::string::npos;
+        const bool drawn = p.weight_decay || p.name.find("embedding") != std::string::npos;
+        if (!library && drawn) *p.value *= factor;
+      }
+    }
+    return model;
   }
 
   const std::string& name() const { return name_; }
@@ -124,6 +178,7 @@ class Run {
     return train_seconds_ > 0 ? train_tokens_ / train_seconds_ : 0.0;
   }
   double last_train_bits() const { return last_train_bits_; }
+  const TrainingStats& training_stats() const { return stats_; }
   // Weight of the teacher's soft targets when trained with a teacher (distillation).
   double teacher_weight() const { return teacher_weight_; }
   void set_teacher_weight(double w) { teacher_weight_ = w; }
@@ -184,10 +239,15 @@ class Run {
     last_train_bits_ = bits(hard_loss);
     train_bits_sum_ += last_train_bits_;
     ++train_bits_count_;
+    stats_.add_step(step, train_.warmup, last_train_bits_);
     if (moe_) {
       for (std::size_t i = 0; i < model_.blocks().size(); ++i) {
         auto& ffn = model_.blocks()[i].feed_forward();
-        if (ffn.is_switch()) loads_[i].accumulate(ffn.load());
+        if (!ffn.is_switch()) continue;
+        loads_[i].accumulate(ffn.load());
+        stats_.dropped_sum += ffn.load().stats.dropped_fraction;
+        stats_.entropy_sum += ffn.router_entropy();
+        ++stats_.layer_calls;
       }
     }
   }
@@ -278,7 +338,11 @@ class Run {
     const double d = c.d_model, ff = c.d_ff, ctx = c.context;
     double per_layer = 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * 2.0 * ctx * d + 2.0 * 2.0 * d * ff;
     double total = c.layers * per_layer + 2.0 * d * c.vocab;
-    if (moe_) total += switch_layer_count(c.layers) * 2.0 * d * moe_->experts;
+    if (moe_) {
+      total += switch_layer_count(c.layers) * 2.0 * d * moe_->experts;
+      // top-k: k experts per token (the MoE top-2 baseline costs one more FFN per Switch layer).
+      total += switch_layer_count(c.layers) * (top_k_ - 1) * 2.0 * 2.0 * d * ff;
+    }
     return total;
   }
 
@@ -389,7 +453,8 @@ class Run {
 
   static FeedForward<Policy> make_feed_forward(const ModelConfig& c,
                                                const std::optional<SwitchSettings>& moe,
-                                               std::uint64_t seed, int layer, const Ranks& ranks) {
+                                               std::uint64_t seed, int layer, const Ranks& ranks,
+                                               const Variant& variant) {
     const std::uint64_t layer_seed = seed * 1000003ULL + static_cast<std::uint64_t>(layer) + 1;
     if (moe && is_switch_layer(layer)) {
       switchmoe::SwitchConfig config;
@@ -402,12 +467,18 @@ class Run {
       config.z_loss_coef = moe->z_loss_coef;
       config.jitter_eps = moe->jitter_eps;
       config.routing.group_size = moe->group_size;
+      config.routing.top_k = variant.top_k;
+      config.routing.dropless = variant.dropless;
+      config.init_scale = variant.init_scale;
+      config.expert_dropout = variant.expert_dropout_or_default();
       config.seed = layer_seed;
       return FeedForward<Policy>(config, ranks);
     }
     switchmoe::DenseConfig config;
     config.d_model = c.d_model;
     config.d_ff = c.d_ff;
+    config.init_scale = variant.init_scale;
+    config.dropout = variant.dropout;
     config.seed = layer_seed;
     return FeedForward<Policy>(config);
   }
@@ -429,6 +500,8 @@ class Run {
   double teacher_weight_ = 0.0;
   std::vector<EvalPoint> curve_;
   std::vector<ExpertLoad> loads_;
+  TrainingStats stats_;
+  int top_k_ = 1;
 };
 
 }  // namespace switch_lm
