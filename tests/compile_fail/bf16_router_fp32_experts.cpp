@@ -1,7 +1,6 @@
 // A bfloat16 router is an ablation of the all-bfloat16 model (paper Table 2): with float32
 // experts it is refused.
-// expect: The router element type is float32, or bfloat16 only for the Bf16RouterAblation policy
-// (bfloat16 experts).
+// expect: or bfloat16 only for the Bf16RouterAblation policy (bfloat16 experts)
 #include "switchmoe/core/precision.hpp"
 
 using Odd = switchmoe::Precision<float, float, Eigen::bfloat16>;

@@ -1,5 +1,5 @@
 // A policy whose router element is not float32 (SEMANTICS 13).
-// expect: The router computes in float32 whatever the layer's precision (SEMANTICS 13), or in emulated bfloat16 for the Bf16RouterAblation policy only.
+// expect: The router computes in float32 whatever the layer's precision (SEMANTICS 13)
 #include "switchmoe/routing/router.hpp"
 
 struct DoubleRouterPolicy {
