@@ -572,7 +572,10 @@ def main():
     ap.add_argument("--runs", required=True)
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    plan = PLANS[args.mode]
+    plan = dict(PLANS[args.mode])
+    if os.environ.get("PAPER_STEPS"):  # e.g. to fit a slower machine or a larger default model
+        plan["steps"] = int(os.environ["PAPER_STEPS"])
+        plan["eval_interval"] = max(1, plan["steps"] // 20)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.runs, exist_ok=True)
     defaults = probe_defaults(args.exe, args.runs)

@@ -9,7 +9,8 @@
 #                                              # every run learns and the report is written
 #
 # SWITCHMOE_BUILD_DIR (default build/) is the CMake build tree; the runs' own outputs go to
-# $SWITCHMOE_BUILD_DIR/paper_runs (paper_runs_quick). PAPER_JOBS (default 2) runs at once.
+# $SWITCHMOE_BUILD_DIR/paper_runs (paper_runs_quick). PAPER_JOBS (default 2) runs at once;
+# PAPER_STEPS overrides the steps of experiments 1-4 (default 2000; 100 with --quick).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
