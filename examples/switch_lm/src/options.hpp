@@ -39,8 +39,9 @@ struct Options {
   TrainConfig train = default_training();
   SwitchSettings moe;
   std::string precision = "fp32";
-  int threads =
-      1;  // one thread is fastest for the default model (small matrices); 0: OpenMP default
+  // One thread is fastest for the default model (small matrices); 0: OpenMP default; >= 2: the
+  // runs step concurrently (experiment.hpp, step_runs).
+  int threads = 1;
   std::uint64_t seed = 1;
   std::string out = "switch_lm_out";
   std::string data;  // empty: the fortunes
@@ -89,7 +90,9 @@ training
   --eval-tokens N          validation tokens per evaluation
   --precision fp32|bf16    precision policy of the library layers
   --threads N              OpenMP threads (default 1: fastest for the default model's small
-                           matrices; 0 = OpenMP default; deterministic for a given count)
+                           matrices; 0 = OpenMP default; deterministic for a given count). With
+                           N >= 2 the two runs step concurrently, one per thread (same results
+                           as 1 thread; faster only with two free cores)
   --seed N
   --expert-parallel        under mpirun: each Switch layer's experts split over the ranks, each
                            rank a slice of every batch, other weights replicated (needs a build
