@@ -2,7 +2,7 @@
 # The language-model demonstration of switchmoe, from a fresh Debian 12 machine:
 # installs what it needs, builds switch_lm (Release) and trains the dense and the Switch model.
 #
-#   bash examples/switch_lm/run.sh                 # default comparison (~10 minutes on 2 cores)
+#   bash examples/switch_lm/run.sh                 # default comparison (~7 minutes on 2 cores)
 #   bash examples/switch_lm/run.sh --quick         # about a minute; what CI runs
 #   bash examples/switch_lm/run.sh --distill       # any switch_lm option is passed on
 #   bash examples/switch_lm/run.sh --quick --expert-parallel   # experts split over 2 MPI ranks

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -74,6 +75,33 @@ RunSummary summarize(Run<Policy>& run, int steps) {
   return s;
 }
 
+// One training step of every run. With `concurrent`, the runs take their step at the same time,
+// one per OpenMP thread, and the parallel regions inside them (Eigen's, the library's, the
+// attention's) run nested, i.e. single-threaded: the demo's matrices are too small to gain from a
+// second thread, but two runs on two cores train the pair in the time of the slower one. Each run
+// has its own model, optimizer, sampler and random streams, so the result is that of one thread.
+// An exception thrown in a run is rethrown after the region.
+template <class Policy>
+void step_runs(const std::vector<Run<Policy>*>& runs, int step, Run<Policy>* teacher,
+               bool concurrent) {
+  if (!concurrent) {
+    for (auto* run : runs) run->train_step(step, teacher, run->teacher_weight());
+    return;
+  }
+  const int count = static_cast<int>(runs.size());
+  std::vector<std::exception_ptr> errors(runs.size());
+#pragma omp parallel for num_threads(count) schedule(static, 1)
+  for (int i = 0; i < count; ++i) {
+    try {
+      runs[i]->train_step(step, teacher, runs[i]->teacher_weight());
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  }
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
 // Trains `runs` in lockstep over steps [first, last] of the options.train.steps schedule (all of
 // it by default), evaluating every eval_interval steps and at the last step.
 template <class Policy>
@@ -93,8 +121,12 @@ void train_lockstep(std::vector<Run<Policy>*> runs, const Options& options, Prog
     }
   };
   if (first == 1) evaluate_all(0);  // a resumed run's curve has its earlier points
+  // Concurrent steps need a thread per run; not with a teacher (the students would share its
+  // forward caches) nor across MPI ranks (collectives from two threads of one rank).
+  const bool concurrent = options.threads >= static_cast<int>(runs.size()) && teacher == nullptr &&
+                          !options.expert_parallel;
   for (int step = first; step <= last; ++step) {
-    for (auto* run : runs) run->train_step(step, teacher, run->teacher_weight());
+    step_runs(runs, step, teacher, concurrent);
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::string line = strprintf("step %d/%d", step, steps);

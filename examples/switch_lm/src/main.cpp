@@ -94,6 +94,9 @@ int main(int argc, char** argv) {
     omp_set_num_threads(options.threads);
     Eigen::setNbThreads(options.threads);
   }
+  // One level of parallelism: with a thread per run (experiment.hpp, step_runs) the parallel
+  // regions inside a run's step stay single-threaded instead of oversubscribing the cores.
+  omp_set_max_active_levels(1);
   std::optional<MpiSession> mpi;
   try {
     mpi.emplace(options.expert_parallel);

@@ -5,7 +5,8 @@
 #   2. controls that the comparison can fail: the half-way checkpoint differs, and a resume whose
 #      router jitter position was reset in state.json ends with other Switch weights;
 #   3. --load DIR --generate samples exactly what the trained run sampled before it exited;
-#   4. a differing training option or a truncated file is refused with a clear error.
+#   4. a differing training option or a truncated file is refused with a clear error;
+#   5. --threads 2 (the runs step concurrently) ends with the same files as one thread.
 # usage: resume_test.sh SWITCH_LM TEXT_FILE WORK_DIR
 set -euo pipefail
 exe=$1
@@ -70,3 +71,15 @@ if "$exe" --resume truncated --out bad.out >truncated.log 2>&1; then
 fi
 grep -q "truncated/switch.safetensors" truncated.log || fail "unclear error: $(cat truncated.log)"
 echo "refused: another --d-model ($(head -n 1 bad.log | cut -c 1-60)...), a truncated file"
+
+# 5. --threads 2 steps the two runs concurrently, one per thread (experiment.hpp, step_runs): the
+#    same weights, optimizer state and validation curve as the one-thread run of step 1.
+"$exe" "${tiny[@]}" --threads 2 --out concurrent.out --save concurrent >concurrent.log 2>&1 ||
+  fail "--threads 2 run: $(tail -n 3 concurrent.log)"
+for f in "${files[@]}"; do
+  cmp "full/$f" "concurrent/$f" || fail "$f differs between --threads 2 (concurrent) and 1"
+done
+# Columns other than train_seconds (4th).
+diff <(cut -d, -f1-3,5- full.out/curves.csv) <(cut -d, -f1-3,5- concurrent.out/curves.csv) ||
+  fail "the validation curve of --threads 2 differs from that of one thread"
+echo "--threads 2 (concurrent runs): the same ${#files[@]} files and curve as one thread"
