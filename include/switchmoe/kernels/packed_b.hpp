@@ -255,12 +255,19 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
   exceptions.rethrow_if_failed();
 }
 
+// The calling thread's plain view of the problems of a packed call, reused across calls.
+template <class T>
+std::vector<GemmProblem<T>>& thread_plain_problems() {
+  thread_local std::vector<GemmProblem<T>> plain;
+  return plain;
+}
+
 template <class T, class Isa, class Epilogue>
 void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
                           const Epilogue& epilogue) {
   using Kernel = detail::MicroKernel<Isa, T>;
   using Packed = typename Kernel::Packed;
-  thread_local std::vector<GemmProblem<T>> plain;
+  std::vector<GemmProblem<T>>& plain = thread_plain_problems<T>();
   plain.clear();
   plain.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
@@ -301,6 +308,25 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
         return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
       },
       epilogue);
+}
+
+// Grows the calling thread's per-call vectors and packing buffers for calls of one problem made
+// inside a parallel region (each thread then runs its own calls, as the experts' whole-FFN
+// schedule does), so that such calls allocate nothing once every thread has run this. Tiles:
+// one problem on one thread has at most row blocks + kTilesPerThread tiles (make_tiles); 64
+// covers problems of up to 58 row blocks, and larger ones make their own room.
+template <class T, class Isa>
+void reserve_single_call_buffers() {
+  using Kernel = detail::MicroKernel<Isa, T>;
+  std::vector<GemmProblem<T>>& plain = thread_plain_problems<T>();
+  if (plain.capacity() < 1) plain.reserve(1);
+  std::vector<ThinUnit>& units = thread_thin_units();
+  const std::size_t most_units =
+      2 + static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
+  if (units.capacity() < most_units) units.reserve(most_units);
+  std::vector<Tile>& tiles = thread_tiles();
+  if (tiles.capacity() < 64) tiles.reserve(64);
+  thread_pack_buffers<Kernel>();
 }
 
 }  // namespace detail
