@@ -29,7 +29,10 @@
 // "% bw" = those bytes / call time / probe bandwidth. "warm" repeats the call right away.
 //
 //   onednn_bench [--reps N] [--tokens 1,8,64,512,2048] [--precision fp32,bf16]
-//                [--many_experts] [--json FILE]
+//                [--many_experts] [--schedule auto|split|whole] [--ab_schedule]
+//                [--json FILE]
+// --schedule forces switchmoe's expert schedule (FeedForwardBank::whole_ffn_schedule);
+// --ab_schedule also times switchmoe under both schedules, interleaved, and reports the ratio.
 // Needs libdnnl-dev (Debian; `bash cmake/install_deps.sh libdnnl-dev`); CMake skips this
 // program when oneDNN is not found.
 
@@ -457,6 +460,8 @@ struct Options {
   std::vector<std::string> precisions{"fp32", "bf16"};
   bool many_experts = false;
   std::string json;
+  std::string schedule = "auto";  // switchmoe's expert schedule: auto, split or whole
+  bool ab_schedule = false;       // also time switchmoe whole-FFN vs split-tiles, interleaved
 };
 
 struct Result {
@@ -511,7 +516,7 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
         2.0 * shape.d_model * shape.d_ff * elem * std::count(touched.begin(), touched.end(), 1);
     const bool cold = tokens <= 64;
     const int reps = options.reps > 0 ? options.reps : tokens >= 2048 ? 7 : tokens >= 512 ? 11 : 31;
-    std::vector<double> ts, to, ratio, bw, ts_warm, to_warm;
+    std::vector<double> ts, to, ratio, bw, ts_warm, to_warm, schedule_ratio;
     for (int rep = 0; rep < reps; ++rep) {
       double t_switch = 0.0, t_onednn = 0.0;
       if (cold) {
@@ -537,6 +542,27 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
       ts.push_back(t_switch);
       to.push_back(t_onednn);
       ratio.push_back(t_switch / t_onednn);
+      if (options.ab_schedule) {
+        // switchmoe alone, whole-FFN against split-tiles schedule, order flipping per rep.
+        double t_whole = 0.0, t_split = 0.0;
+        for (int side = 0; side < 2; ++side) {
+          const bool whole = (side == 0) == (rep % 2 == 0);
+          switchmoe::detail::forced_ffn_schedule() =
+              whole ? switchmoe::detail::FfnSchedule::kWholeFfns
+                    : switchmoe::detail::FfnSchedule::kSplitTiles;
+          if (cold) flush_process_caches();
+          const auto start = Clock::now();
+          layer.forward(x, switchmoe::Mode::kEval, out);
+          (whole ? t_whole : t_split) = seconds_since(start);
+        }
+        switchmoe::detail::forced_ffn_schedule() = switchmoe::detail::FfnSchedule::kAuto;
+        schedule_ratio.push_back(t_whole / t_split);
+      }
+    }
+    if (options.ab_schedule) {
+      std::printf("| %s | whole / split schedule | %d | %d x %d x %d | median ratio %.3f |\n",
+                  precision, tokens, shape.experts, shape.d_model, shape.d_ff,
+                  median(schedule_ratio));
     }
     Result r{precision,
              per_thread ? "onednn_per_thread" : "onednn",
@@ -609,6 +635,10 @@ int main(int argc, char** argv) {
       options.tokens = parse_ints(argv[++i]);
     } else if (arg == "--precision" && has_value) {
       options.precisions = parse_words(argv[++i]);
+    } else if (arg == "--schedule" && has_value) {
+      options.schedule = argv[++i];
+    } else if (arg == "--ab_schedule") {
+      options.ab_schedule = true;
     } else if (arg == "--many_experts") {
       options.many_experts = true;
     } else if (arg == "--json" && has_value) {
@@ -616,11 +646,16 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--reps N] [--tokens 1,8,...] [--precision fp32,bf16] "
-                   "[--many_experts] [--json FILE]\n",
+                   "[--many_experts] [--schedule auto|split|whole] [--ab_schedule] [--json FILE]\n",
                    argv[0]);
       return 2;
     }
   }
+  // A hook of the library's tests: forcing a schedule changes the speed, never the results.
+  switchmoe::detail::forced_ffn_schedule() =
+      options.schedule == "split"   ? switchmoe::detail::FfnSchedule::kSplitTiles
+      : options.schedule == "whole" ? switchmoe::detail::FfnSchedule::kWholeFfns
+                                    : switchmoe::detail::FfnSchedule::kAuto;
   ReadProbe probe(std::size_t{160} << 20);  // the most bytes a cold call reads: 8 fp32 experts
   std::printf(
       "threads: %d; times are medians in ms; ratio = median of switchmoe / oneDNN per "

@@ -946,38 +946,23 @@ class FeedForwardBank {
     }
   }
 
-  /// The scheduler of the forward products (issue 15), a deterministic choice per call from the
-  /// row blocks and the thread count. Either every product runs as one batched GEMM over all
-  /// FFNs, whose tiles (of all FFNs) are split across threads (the default), or each thread
-  /// takes whole FFNs (run_whole_ffns): many small experts (128 experts x 16 rows), or one
-  /// thread, where an FFN's hidden rows then stay in cache between its two products and no
-  /// barrier separates the two. Results are bitwise the same either way: every output element
-  /// is computed by the same kernel operations in the same k order whatever the tile shapes or
+  /// The schedule of the forward products (issue 15). Either every product runs as one batched
+  /// GEMM whose tiles (of all FFNs) are split across threads, or each thread takes whole FFNs
+  /// (run_whole_ffns): an FFN's hidden rows then stay in cache between its two products and no
+  /// barrier separates them. Results are bitwise the same either way: every output element is
+  /// computed by the same kernel operations in the same k order whatever the tile shapes or
   /// the thread (kernels/gemm.hpp), and the epilogues act element by element.
   bool whole_ffn_schedule(bool with_shared) const {
     if (detail::forced_ffn_schedule() != detail::FfnSchedule::kAuto) {
       return detail::forced_ffn_schedule() == detail::FfnSchedule::kWholeFfns;
     }
-    if (omp_in_parallel()) return false;  // the caller's thread only: nothing to schedule
-    const int threads = omp_get_max_threads();
-    int units = 0;
-    Eigen::Index total = 0, largest = 0;
-    for (const Part* part : {&routed_, &shared_}) {
-      if (part == &shared_ && !with_shared) continue;
-      for (int e = 0; e < part->count; ++e) {
-        const Eigen::Index m = (*part->offsets)[e + 1] - (*part->offsets)[e];
-        if (m == 0) continue;
-        ++units;
-        total += m;
-        largest = std::max(largest, m);
-      }
-    }
-    if (units < 2) return false;
-    if (threads == 1) return true;
-    // Enough FFNs to balance the threads (dynamic scheduling; none above half a thread's
-    // share), each too small to feed all threads with tiles of its own.
-    constexpr Eigen::Index kSmallRows = 64;
-    return units >= 4 * threads && largest * 2 * threads <= total && total <= kSmallRows * units;
+    (void)with_shared;  // the shared FFN is one more unit when whole FFNs are chosen
+    // Measured (benchmarks/RESULTS_issue15.md, same-process A/B): whole FFNs were 9-15% slower
+    // than split tiles at 128 experts x 16 rows on 2 threads, equal at 8 experts x 256 rows,
+    // and 2-3% slower on one thread (a kernel call per product and FFN). So the shapes measured
+    // so far all favour split tiles, and the automatic choice keeps them; whole FFNs remain
+    // selectable (forced_ffn_schedule) and tested bitwise against them.
+    return false;
   }
 
   /// Runs body(part, e) for every FFN with rows, in one OpenMP loop whose iterations are whole
