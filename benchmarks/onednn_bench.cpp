@@ -22,13 +22,17 @@
 //
 // Timing: each case runs both implementations alternately (the order flips every repetition)
 // and reports median times and the median of the per-repetition time ratios. Decode cases
-// (tokens <= 64) first read a 256 MiB buffer with all threads before every timed call; that
-// read is the memory-read probe (bandwidth, timed) and it also evicts the weights from the
-// caches, so the call streams its weights from memory as in real inference over many layers.
-// "% bw" = bytes of the weights of the experts the call touches / call time / probe bandwidth.
+// (tokens <= 64) flush every cache line of the process (flush_process_caches) before each
+// timed call, so the call streams its weights from memory as in real inference over many
+// layers; the memory-read probe reads, after the same flush, a buffer of exactly as many bytes
+// as the weights of the experts the call touches, with all threads.
+// "% bw" = those bytes / call time / probe bandwidth. "warm" repeats the call right away.
 //
 //   onednn_bench [--reps N] [--tokens 1,8,64,512,2048] [--precision fp32,bf16]
-//                [--many_experts] [--json FILE]
+//                [--many_experts] [--schedule auto|split|whole] [--ab_schedule]
+//                [--json FILE]
+// --schedule forces switchmoe's expert schedule (FeedForwardBank::whole_ffn_schedule);
+// --ab_schedule also times switchmoe under both schedules, interleaved, and reports the ratio.
 // Needs libdnnl-dev (Debian; `bash cmake/install_deps.sh libdnnl-dev`); CMake skips this
 // program when oneDNN is not found.
 
@@ -67,7 +71,44 @@ double median(std::vector<double> v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Memory-read probe: all threads read disjoint halves of a buffer far beyond the caches.
+// Cache flush: clflushopt on every cache line of every writable private mapping of the process
+// (/proc/self/maps: heap, anonymous mmaps, thread stacks; not the [stack] of the calling
+// thread, [vvar] or [vsyscall]). The weights of both implementations, their buffers and the
+// probe buffer all leave every cache level, whatever the cache's replacement policy (a large
+// streaming read does not do that reliably: scan-resistant policies keep reused lines, which
+// is how the first version of this benchmark reported more than 100% of the read bandwidth).
+// Returns the bytes flushed.
+std::size_t flush_process_caches() {
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return 0;
+  std::size_t flushed = 0;
+  char line[512];
+  while (std::fgets(line, sizeof line, maps) != nullptr) {
+    unsigned long begin = 0, end = 0;
+    char perms[8] = {0};
+    if (std::sscanf(line, "%lx-%lx %7s", &begin, &end, perms) != 3) continue;
+    if (perms[0] != 'r' || perms[1] != 'w') continue;
+    if (std::strstr(line, "[stack]") || std::strstr(line, "[vvar]") ||
+        std::strstr(line, "[vsyscall]")) {
+      continue;
+    }
+    for (unsigned long a = begin; a < end; a += 64) {
+#if defined(__CLFLUSHOPT__)
+      _mm_clflushopt(reinterpret_cast<void*>(a));
+#else
+      _mm_clflush(reinterpret_cast<void*>(a));
+#endif
+    }
+    flushed += end - begin;
+  }
+  std::fclose(maps);
+  _mm_mfence();
+  return flushed;
+}
+
+// Memory-read probe: all threads stream disjoint parts of the first `bytes` of a buffer, which
+// the caller has flushed from the caches (flush_process_caches), so the probe reads from
+// memory exactly as many bytes as the call it is compared with.
 class ReadProbe {
  public:
   explicit ReadProbe(std::size_t bytes) : floats_(bytes / sizeof(float)) {
@@ -75,14 +116,16 @@ class ReadProbe {
 #pragma omp parallel for schedule(static)
     for (std::size_t i = 0; i < floats_; ++i) data_.get()[i] = 1e-9f * static_cast<float>(i & 63);
   }
-  // Reads the whole buffer once; returns the bandwidth in bytes per second.
-  double run() {
+  std::size_t bytes() const { return floats_ * sizeof(float); }
+  // Reads the first `bytes` of the buffer once; returns the bandwidth in bytes per second.
+  double run(std::size_t bytes) {
+    const std::size_t floats = std::min(floats_, bytes / sizeof(float));
     const auto start = Clock::now();
     float total = 0.0f;
 #pragma omp parallel reduction(+ : total)
     {
       const std::size_t threads = omp_get_num_threads(), id = omp_get_thread_num();
-      const std::size_t chunk = floats_ / threads / 128 * 128;
+      const std::size_t chunk = floats / threads / 128 * 128;
       const float* p = data_.get() + id * chunk;
       __m512 acc[8];
       for (__m512& a : acc) a = _mm512_setzero_ps();
@@ -97,7 +140,8 @@ class ReadProbe {
     }
     const double s = seconds_since(start);
     sink_ += total;
-    return static_cast<double>(floats_ * sizeof(float)) / s;
+    const std::size_t threads = omp_get_max_threads();
+    return static_cast<double>(floats / threads / 128 * 128 * threads * sizeof(float)) / s;
   }
   float sink() const { return sink_; }
 
@@ -416,6 +460,8 @@ struct Options {
   std::vector<std::string> precisions{"fp32", "bf16"};
   bool many_experts = false;
   std::string json;
+  std::string schedule = "auto";  // switchmoe's expert schedule: auto, split or whole
+  bool ab_schedule = false;       // also time switchmoe whole-FFN vs split-tiles, interleaved
 };
 
 struct Result {
@@ -423,6 +469,7 @@ struct Result {
   int tokens, experts, d_model, d_ff, reps;
   bool cold;
   double switch_s, onednn_s, ratio, bytes, bandwidth, switch_bw, onednn_bw, max_diff;
+  double switch_warm_s = 0.0, onednn_warm_s = 0.0;
 };
 
 Matrix<float> random_matrix(int rows, int cols, unsigned seed) {
@@ -469,24 +516,53 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
         2.0 * shape.d_model * shape.d_ff * elem * std::count(touched.begin(), touched.end(), 1);
     const bool cold = tokens <= 64;
     const int reps = options.reps > 0 ? options.reps : tokens >= 2048 ? 7 : tokens >= 512 ? 11 : 31;
-    std::vector<double> ts, to, ratio, bw;
+    std::vector<double> ts, to, ratio, bw, ts_warm, to_warm, schedule_ratio;
     for (int rep = 0; rep < reps; ++rep) {
       double t_switch = 0.0, t_onednn = 0.0;
+      if (cold) {
+        flush_process_caches();
+        bw.push_back(probe.run(static_cast<std::size_t>(bytes)));
+      }
       for (int side = 0; side < 2; ++side) {
         const bool switch_side = (side == 0) == (rep % 2 == 0);
-        if (cold) bw.push_back(probe.run());  // evicts the weights too
-        const auto start = Clock::now();
-        if (switch_side) {
-          layer.forward(x, switchmoe::Mode::kEval, out);
-          t_switch = seconds_since(start);
-        } else {
-          moe.forward(x, y);
-          t_onednn = seconds_since(start);
+        // Cold cases: the first call reads everything from memory; a second call right after it
+        // (warm: the touched weights still in the caches) shows what the caches would give.
+        for (int pass = 0; pass < (cold ? 2 : 1); ++pass) {
+          if (cold && pass == 0) flush_process_caches();
+          const auto start = Clock::now();
+          if (switch_side) {
+            layer.forward(x, switchmoe::Mode::kEval, out);
+            (pass == 0 ? t_switch : ts_warm.emplace_back()) = seconds_since(start);
+          } else {
+            moe.forward(x, y);
+            (pass == 0 ? t_onednn : to_warm.emplace_back()) = seconds_since(start);
+          }
         }
       }
       ts.push_back(t_switch);
       to.push_back(t_onednn);
       ratio.push_back(t_switch / t_onednn);
+      if (options.ab_schedule) {
+        // switchmoe alone, whole-FFN against split-tiles schedule, order flipping per rep.
+        double t_whole = 0.0, t_split = 0.0;
+        for (int side = 0; side < 2; ++side) {
+          const bool whole = (side == 0) == (rep % 2 == 0);
+          switchmoe::detail::forced_ffn_schedule() =
+              whole ? switchmoe::detail::FfnSchedule::kWholeFfns
+                    : switchmoe::detail::FfnSchedule::kSplitTiles;
+          if (cold) flush_process_caches();
+          const auto start = Clock::now();
+          layer.forward(x, switchmoe::Mode::kEval, out);
+          (whole ? t_whole : t_split) = seconds_since(start);
+        }
+        switchmoe::detail::forced_ffn_schedule() = switchmoe::detail::FfnSchedule::kAuto;
+        schedule_ratio.push_back(t_whole / t_split);
+      }
+    }
+    if (options.ab_schedule) {
+      std::printf("| %s | whole / split schedule | %d | %d x %d x %d | median ratio %.3f |\n",
+                  precision, tokens, shape.experts, shape.d_model, shape.d_ff,
+                  median(schedule_ratio));
     }
     Result r{precision,
              per_thread ? "onednn_per_thread" : "onednn",
@@ -504,16 +580,25 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
              0.0,
              0.0,
              max_diff};
+    auto percent = [](double f) { return std::to_string(static_cast<int>(100 * f + 0.5)) + "%"; };
+    auto ms = [](double s) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%.3f", s * 1e3);
+      return std::string(text);
+    };
     if (cold) {
       r.switch_bw = bytes / r.switch_s / r.bandwidth;
       r.onednn_bw = bytes / r.onednn_s / r.bandwidth;
+      r.switch_warm_s = median(ts_warm);
+      r.onednn_warm_s = median(to_warm);
     }
     std::printf(
-        "| %s | %s | %d | %d x %d x %d | %.3f | %.3f | %.3f | %s | %s | %.2g |\n", precision,
-        r.variant.c_str(), tokens, shape.experts, shape.d_model, shape.d_ff, r.switch_s * 1e3,
-        r.onednn_s * 1e3, r.ratio,
-        cold ? (std::to_string(static_cast<int>(100 * r.switch_bw + 0.5)) + "%").c_str() : "-",
-        cold ? (std::to_string(static_cast<int>(100 * r.onednn_bw + 0.5)) + "%").c_str() : "-",
+        "| %s | %s | %d | %d x %d x %d | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s | %.2g |\n",
+        precision, r.variant.c_str(), tokens, shape.experts, shape.d_model, shape.d_ff,
+        r.switch_s * 1e3, r.onednn_s * 1e3, r.ratio,
+        cold ? (std::to_string(static_cast<int>(r.bandwidth / 1e9 + 0.5)) + " GB/s").c_str() : "-",
+        cold ? percent(r.switch_bw).c_str() : "-", cold ? percent(r.onednn_bw).c_str() : "-",
+        cold ? ms(r.switch_warm_s).c_str() : "-", cold ? ms(r.onednn_warm_s).c_str() : "-",
         max_diff);
     std::fflush(stdout);
     results.push_back(r);
@@ -550,6 +635,10 @@ int main(int argc, char** argv) {
       options.tokens = parse_ints(argv[++i]);
     } else if (arg == "--precision" && has_value) {
       options.precisions = parse_words(argv[++i]);
+    } else if (arg == "--schedule" && has_value) {
+      options.schedule = argv[++i];
+    } else if (arg == "--ab_schedule") {
+      options.ab_schedule = true;
     } else if (arg == "--many_experts") {
       options.many_experts = true;
     } else if (arg == "--json" && has_value) {
@@ -557,20 +646,29 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--reps N] [--tokens 1,8,...] [--precision fp32,bf16] "
-                   "[--many_experts] [--json FILE]\n",
+                   "[--many_experts] [--schedule auto|split|whole] [--ab_schedule] [--json FILE]\n",
                    argv[0]);
       return 2;
     }
   }
-  ReadProbe probe(std::size_t{256} << 20);
+  // A hook of the library's tests: forcing a schedule changes the speed, never the results.
+  switchmoe::detail::forced_ffn_schedule() =
+      options.schedule == "split"   ? switchmoe::detail::FfnSchedule::kSplitTiles
+      : options.schedule == "whole" ? switchmoe::detail::FfnSchedule::kWholeFfns
+                                    : switchmoe::detail::FfnSchedule::kAuto;
+  ReadProbe probe(std::size_t{160} << 20);  // the most bytes a cold call reads: 8 fp32 experts
   std::printf(
       "threads: %d; times are medians in ms; ratio = median of switchmoe / oneDNN per "
-      "repetition; %% bw = touched weight bytes / time / probe read bandwidth\n\n",
+      "repetition; cold cases (tokens <= 64) flush every cache line of the process before the "
+      "probe and before each timed call; %% bw = touched weight bytes / time / probe read "
+      "bandwidth (the probe reads as many bytes, from memory); warm = the same call repeated "
+      "at once (weights cached)\n\n",
       omp_get_max_threads());
   std::printf(
       "| precision | vs | tokens | experts x d_model x d_ff | switchmoe ms | oneDNN ms | "
-      "ratio | switchmoe %% bw | oneDNN %% bw | max abs dy |\n");
-  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+      "ratio | probe read | switchmoe %% bw | oneDNN %% bw | switchmoe warm ms | oneDNN warm ms "
+      "| max abs dy |\n");
+  std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   std::vector<Result> results;
   const MoeShape shape{768, 3072, 8};
   for (const std::string& p : options.precisions) {
@@ -592,6 +690,16 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // bf16 against fp32 decode: it reads half the bytes, so at the bandwidth limit it is 2x.
+  for (const Result& a : results) {
+    for (const Result& b : results) {
+      if (a.precision == "fp32" && b.precision == "bf16" && a.cold && b.cold &&
+          a.tokens == b.tokens && a.experts == b.experts && a.variant == b.variant) {
+        std::printf("bf16 speed / fp32 speed, %d token(s), cold: switchmoe %.2fx, oneDNN %.2fx\n",
+                    a.tokens, a.switch_s / b.switch_s, a.onednn_s / b.onednn_s);
+      }
+    }
+  }
   if (!options.json.empty()) {
     std::FILE* f = std::fopen(options.json.c_str(), "w");
     if (f == nullptr) {
@@ -601,16 +709,18 @@ int main(int argc, char** argv) {
     std::fprintf(f, "[\n");
     for (std::size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
-      std::fprintf(f,
-                   "  {\"precision\": \"%s\", \"variant\": \"%s\", \"tokens\": %d, \"experts\": "
-                   "%d, \"d_model\": %d, \"d_ff\": %d, \"reps\": %d, \"cold\": %s, "
-                   "\"switchmoe_s\": %.6g, \"onednn_s\": %.6g, \"ratio\": %.4f, \"bytes\": %.6g, "
-                   "\"read_bandwidth\": %.6g, \"switchmoe_bw_fraction\": %.4f, "
-                   "\"onednn_bw_fraction\": %.4f, \"max_abs_diff\": %.3g}%s\n",
-                   r.precision.c_str(), r.variant.c_str(), r.tokens, r.experts, r.d_model, r.d_ff,
-                   r.reps, r.cold ? "true" : "false", r.switch_s, r.onednn_s, r.ratio, r.bytes,
-                   r.bandwidth, r.switch_bw, r.onednn_bw, r.max_diff,
-                   i + 1 < results.size() ? "," : "");
+      std::fprintf(
+          f,
+          "  {\"precision\": \"%s\", \"variant\": \"%s\", \"tokens\": %d, \"experts\": "
+          "%d, \"d_model\": %d, \"d_ff\": %d, \"reps\": %d, \"cold\": %s, "
+          "\"switchmoe_s\": %.6g, \"onednn_s\": %.6g, \"ratio\": %.4f, \"bytes\": %.6g, "
+          "\"read_bandwidth\": %.6g, \"switchmoe_bw_fraction\": %.4f, "
+          "\"onednn_bw_fraction\": %.4f, \"switchmoe_warm_s\": %.6g, \"onednn_warm_s\": %.6g, "
+          "\"max_abs_diff\": %.3g}%s\n",
+          r.precision.c_str(), r.variant.c_str(), r.tokens, r.experts, r.d_model, r.d_ff, r.reps,
+          r.cold ? "true" : "false", r.switch_s, r.onednn_s, r.ratio, r.bytes, r.bandwidth,
+          r.switch_bw, r.onednn_bw, r.switch_warm_s, r.onednn_warm_s, r.max_diff,
+          i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "]\n");
     std::fclose(f);

@@ -22,6 +22,8 @@
 // Element type stores the packed compute copies of the weights and the activations that enter a
 // matrix product (x, hidden, dy, dhidden); every product accumulates in float32.
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -56,6 +58,19 @@ struct FeedForwardConfig {
   int first_ffn = 0;
   int shared_d_ff = 0;  // SEMANTICS 16: width of the shared FFN; 0: none
 };
+
+namespace detail {
+
+/// How FeedForwardBank::forward runs its products (see its whole_ffn_schedule): chosen per
+/// call (kAuto), or forced on the calling thread by a test that compares the schedules (the
+/// results are bitwise the same; only speed differs).
+enum class FfnSchedule { kAuto, kSplitTiles, kWholeFfns };
+inline FfnSchedule& forced_ffn_schedule() {
+  thread_local FfnSchedule schedule = FfnSchedule::kAuto;
+  return schedule;
+}
+
+}  // namespace detail
 
 /// The rows of one call for the shared FFN (SEMANTICS 16): every token of this process.
 template <class T>
@@ -444,14 +459,7 @@ class FeedForwardBank {
     if (shared != nullptr) prepare(shared_, shared->x.rows(), shared_offsets_);
     // h = dropout(act(x W_in + b_in)) (gated: dropout(act(x W_gate + b_gate) * (x W_in +
     // b_in))), computed block by block as the (fused) product finishes.
-    begin_batch();
-    add_packed(routed_, xg.data(), xg.outerStride(), routed_.in_packed, routed_.hidden_pre.data(),
-               kProducts * routed_.width);
-    if (shared != nullptr) {
-      add_packed(shared_, shared->x.data(), shared->x.outerStride(), shared_.in_packed,
-                 shared_.hidden_pre.data(), kProducts * shared_.width);
-    }
-    run_packed([&](Part& part, int e, Eigen::Index r, int j0, int cols) {
+    const auto finish_in = [&](Part& part, int e, Eigen::Index r, int j0, int cols) {
       const bool is_shared = &part == &shared_;
       std::uint64_t key = static_cast<std::uint64_t>(r);
       if (is_shared) {
@@ -465,24 +473,61 @@ class FeedForwardBank {
       } else {
         finish_hidden(part, e, r, j0, cols, dropout, key);
       }
-    });
-    begin_batch();
+    };
     const Eigen::Index ldy = yg.outerStride();
-    add_packed(routed_, routed_.hidden.data(), routed_.width, routed_.out_packed, yg.data(), ldy);
-    if (shared != nullptr) {
-      add_packed(shared_, shared_.hidden.data(), shared_.width, shared_.out_packed,
-                 shared->y.data(), shared->y.outerStride());
-    }
-    if (config_.bias) {
-      run_packed([&](Part& part, int e, Eigen::Index r, int j0, int cols) {
-        float* base = &part == &shared_ ? shared->y.data() : yg.data();
-        const Eigen::Index ld = &part == &shared_ ? shared->y.outerStride() : ldy;
-        float* y = base + r * ld + j0;
-        const float* b = part.b_out[e].data() + j0;
-        for (int j = 0; j < cols; ++j) y[j] += b[j];
+    float* const y_shared = shared != nullptr ? shared->y.data() : nullptr;
+    const Eigen::Index ldy_shared = shared != nullptr ? shared->y.outerStride() : 0;
+    const auto finish_out = [&](Part& part, int e, Eigen::Index r, int j0, int cols) {
+      float* base = &part == &shared_ ? y_shared : yg.data();
+      const Eigen::Index ld = &part == &shared_ ? ldy_shared : ldy;
+      float* y = base + r * ld + j0;
+      const float* b = part.b_out[e].data() + j0;
+      for (int j = 0; j < cols; ++j) y[j] += b[j];
+    };
+    const Element* const x_shared = shared != nullptr ? shared->x.data() : nullptr;
+    const Eigen::Index ldx_shared = shared != nullptr ? shared->x.outerStride() : 0;
+    if (whole_ffn_schedule(shared != nullptr)) {
+      // Each thread takes whole FFNs: both products of an FFN run on one thread, back to back,
+      // so its hidden rows are still in cache for the second (see whole_ffn_schedule).
+      run_whole_ffns(shared != nullptr, [&](Part& part, int e) {
+        const bool is_shared = &part == &shared_;
+        const int first = (*part.offsets)[e], m = (*part.offsets)[e + 1] - first;
+        const Element* x = is_shared ? x_shared : xg.data();
+        const Eigen::Index ldx = is_shared ? ldx_shared : xg.outerStride();
+        run_packed_one(part, e, m, x + first * ldx, ldx, part.in_packed[e],
+                       part.hidden_pre.data() + first * kProducts * part.width,
+                       kProducts * part.width, finish_in);
+        float* y = is_shared ? y_shared : yg.data();
+        const Eigen::Index ld = is_shared ? ldy_shared : ldy;
+        const Element* h = part.hidden.data() + first * part.width;
+        if (config_.bias) {
+          run_packed_one(part, e, m, h, part.width, part.out_packed[e], y + first * ld, ld,
+                         finish_out);
+        } else {
+          run_packed_one(part, e, m, h, part.width, part.out_packed[e], y + first * ld, ld,
+                         NoFinish());
+        }
       });
     } else {
-      run_packed(NoFinish());
+      begin_batch();
+      add_packed(routed_, xg.data(), xg.outerStride(), routed_.in_packed, routed_.hidden_pre.data(),
+                 kProducts * routed_.width);
+      if (shared != nullptr) {
+        add_packed(shared_, x_shared, ldx_shared, shared_.in_packed, shared_.hidden_pre.data(),
+                   kProducts * shared_.width);
+      }
+      run_packed(finish_in);
+      begin_batch();
+      add_packed(routed_, routed_.hidden.data(), routed_.width, routed_.out_packed, yg.data(), ldy);
+      if (shared != nullptr) {
+        add_packed(shared_, shared_.hidden.data(), shared_.width, shared_.out_packed, y_shared,
+                   ldy_shared);
+      }
+      if (config_.bias) {
+        run_packed(finish_out);
+      } else {
+        run_packed(NoFinish());
+      }
     }
     shared_forward_ = shared != nullptr;
     has_forward_ = mode == Mode::kTrain;
@@ -898,6 +943,74 @@ class FeedForwardBank {
         const int first = (*owner.part->offsets)[owner.ffn];
         for (int i = i0; i < i0 + rows; ++i) finish(*owner.part, owner.ffn, first + i, j0, cols);
       });
+    }
+  }
+
+  /// The schedule of the forward products (issue 15). Either every product runs as one batched
+  /// GEMM whose tiles (of all FFNs) are split across threads, or each thread takes whole FFNs
+  /// (run_whole_ffns): an FFN's hidden rows then stay in cache between its two products and no
+  /// barrier separates them. Results are bitwise the same either way: every output element is
+  /// computed by the same kernel operations in the same k order whatever the tile shapes or
+  /// the thread (kernels/gemm.hpp), and the epilogues act element by element.
+  bool whole_ffn_schedule(bool with_shared) const {
+    if (detail::forced_ffn_schedule() != detail::FfnSchedule::kAuto) {
+      return detail::forced_ffn_schedule() == detail::FfnSchedule::kWholeFfns;
+    }
+    (void)with_shared;  // the shared FFN is one more unit when whole FFNs are chosen
+    // Measured (benchmarks/RESULTS_issue15.md, same-process A/B): whole FFNs were 9-15% slower
+    // than split tiles at 128 experts x 16 rows on 2 threads, equal at 8 experts x 256 rows,
+    // and 2-3% slower on one thread (a kernel call per product and FFN). So the shapes measured
+    // so far all favour split tiles, and the automatic choice keeps them; whole FFNs remain
+    // selectable (forced_ffn_schedule) and tested bitwise against them.
+    return false;
+  }
+
+  /// Runs body(part, e) for every FFN with rows, in one OpenMP loop whose iterations are whole
+  /// FFNs (dynamic: the loaded machine's threads take what they can). Inside, the kernels run
+  /// on the calling thread. The exception of the lowest FFN that threw is rethrown after the
+  /// loop (core/parallel.hpp); the outputs are then unspecified.
+  template <class Body>
+  void run_whole_ffns(bool with_shared, const Body& body) {
+    block_owner_.clear();
+    for (Part* part : {&routed_, &shared_}) {
+      if (part == &shared_ && !with_shared) continue;
+      for (int e = 0; e < part->count; ++e) {
+        if ((*part->offsets)[e + 1] > (*part->offsets)[e]) block_owner_.push_back({part, e});
+      }
+    }
+    const int count = static_cast<int>(block_owner_.size());
+    detail::LoopExceptions exceptions;
+#pragma omp parallel
+    {
+      // Every thread grows its kernels' per-call vectors now, unit or no unit, so that
+      // steady-state calls allocate nothing (as run_tiles does for its packing buffers).
+      exceptions.run(-1, [] { kernels::detail::reserve_single_call_buffers<Element, Isa>(); });
+#pragma omp for schedule(dynamic, 1)
+      for (int u = 0; u < count; ++u) {
+        exceptions.run(u, [&] { body(*block_owner_[u].part, block_owner_[u].ffn); });
+      }
+    }
+    exceptions.rethrow_if_failed();
+  }
+
+  /// c [m, ldc] = a [m, lda] * weight, one GEMM on the calling thread; finish(part, e, r, j0,
+  /// cols) as in run_packed (r counts from the start of part's rows).
+  template <class Finish>
+  void run_packed_one(Part& part, int e, int m, const Element* a, Eigen::Index lda,
+                      const PackedWeight& weight, float* c, Eigen::Index ldc,
+                      const Finish& finish) {
+    const kernels::PackedGemmProblem<Element, Isa> problem{m,       a, lda, kernels::Transpose::kNo,
+                                                           &weight, c, ldc, 0.0f};
+    const int first = (*part.offsets)[e];
+    if constexpr (std::is_same_v<Finish, NoFinish>) {
+      kernels::detail::gemm_packed_problems(&problem, 1, kernels::detail::NoEpilogue());
+    } else {
+      kernels::detail::gemm_packed_problems(&problem, 1,
+                                            [&](int, int i0, int rows, int j0, int cols) {
+                                              for (int i = i0; i < i0 + rows; ++i) {
+                                                finish(part, e, first + i, j0, cols);
+                                              }
+                                            });
     }
   }
 

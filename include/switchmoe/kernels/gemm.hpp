@@ -291,7 +291,10 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, 
     row_blocks += rb;
     blocks += rb * ((p.n + Kernel::kNc - 1) / Kernel::kNc);
   }
-  const long long wanted_tiles = static_cast<long long>(kTilesPerThread) * threads;
+  // One thread balances nothing: tiles as large as the blocking allows, so that a packed A
+  // block serves every column and a packed B block every row block of the tile.
+  const long long wanted_tiles =
+      threads == 1 ? 1 : static_cast<long long>(kTilesPerThread) * threads;
   const int blocks_per_tile =
       b_prepacked ? 1
                   : static_cast<int>(std::clamp<long long>(blocks / std::max(1LL, wanted_tiles), 1,

@@ -179,6 +179,9 @@ struct ThinUnit {
   int q1;
 };
 
+// Column panels per chunk of the thin schedule (see run_thin_problems).
+inline constexpr int kThinChunkPanels = 8;
+
 inline std::vector<ThinUnit>& thread_thin_units() {
   thread_local std::vector<ThinUnit> units;
   return units;
@@ -242,10 +245,18 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
           const std::ptrdiff_t panel_stride =
               static_cast<std::ptrdiff_t>(steps) * kNr * Kernel::kKPack;
           const float beta = p0 == 0 ? p.beta : 1.0f;
-          for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
-            Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
-                             std::min(Kernel::kThinRows, p.m - r0), b.block(p0, j0), panel_stride,
-                             unit.q1 - unit.q0, p.c + r0 * p.ldc + j0, p.ldc, beta, cols);
+          // Chunks of kThinChunkPanels panels, each run for every row group before the next:
+          // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
+          // than being streamed from memory twice. The order of chunks and row groups changes
+          // no element's operations (each is within one run_thin call).
+          for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
+            const int panels = std::min(kThinChunkPanels, unit.q1 - q);
+            const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
+            for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
+              Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
+                               std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
+                               panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols);
+            }
           }
         }
         epilogue(unit.problem, 0, p.m, j0, cols);
@@ -255,12 +266,19 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
   exceptions.rethrow_if_failed();
 }
 
+// The calling thread's plain view of the problems of a packed call, reused across calls.
+template <class T>
+std::vector<GemmProblem<T>>& thread_plain_problems() {
+  thread_local std::vector<GemmProblem<T>> plain;
+  return plain;
+}
+
 template <class T, class Isa, class Epilogue>
 void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
                           const Epilogue& epilogue) {
   using Kernel = detail::MicroKernel<Isa, T>;
   using Packed = typename Kernel::Packed;
-  thread_local std::vector<GemmProblem<T>> plain;
+  std::vector<GemmProblem<T>>& plain = thread_plain_problems<T>();
   plain.clear();
   plain.reserve(count);
   for (std::size_t i = 0; i < count; ++i) {
@@ -301,6 +319,25 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
         return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
       },
       epilogue);
+}
+
+// Grows the calling thread's per-call vectors and packing buffers for calls of one problem made
+// inside a parallel region (each thread then runs its own calls, as the experts' whole-FFN
+// schedule does), so that such calls allocate nothing once every thread has run this. Tiles:
+// one problem on one thread has at most row blocks + kTilesPerThread tiles (make_tiles); 64
+// covers problems of up to 58 row blocks, and larger ones make their own room.
+template <class T, class Isa>
+void reserve_single_call_buffers() {
+  using Kernel = detail::MicroKernel<Isa, T>;
+  std::vector<GemmProblem<T>>& plain = thread_plain_problems<T>();
+  if (plain.capacity() < 1) plain.reserve(1);
+  std::vector<ThinUnit>& units = thread_thin_units();
+  const std::size_t most_units =
+      2 + static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
+  if (units.capacity() < most_units) units.reserve(most_units);
+  std::vector<Tile>& tiles = thread_tiles();
+  if (tiles.capacity() < 64) tiles.reserve(64);
+  thread_pack_buffers<Kernel>();
 }
 
 }  // namespace detail
