@@ -571,6 +571,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", required=True)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite paper.md and the PNGs from the runs already in --runs")
     args = ap.parse_args()
     plan = dict(PLANS[args.mode])
     if os.environ.get("PAPER_STEPS"):  # e.g. to fit a slower machine or a larger default model
@@ -578,13 +580,32 @@ def main():
         plan["eval_interval"] = max(1, plan["steps"] // 20)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.runs, exist_ok=True)
-    defaults = probe_defaults(args.exe, args.runs)
+    record = os.path.join(args.runs, "suite.json")  # what --report-only reads back
+    if args.report_only:
+        with open(record) as f:
+            saved = json.load(f)
+        defaults, wall, args.jobs = saved["defaults"], saved["wall"], saved["jobs"]
+        plan.update(saved["plan"])
+    else:
+        defaults = probe_defaults(args.exe, args.runs)
     jobs = plan_jobs(plan, defaults, args.runs)
     for j in jobs.values():
         j.out_dir = os.path.join(args.runs, j.name)
-    print(f"paper.sh ({args.mode}): {len(jobs)} runs, {args.jobs} at a time; logs in {args.runs}",
-          flush=True)
-    wall = run_all(args.exe, jobs, args.runs, args.jobs)
+    if args.report_only:
+        for j in jobs.values():
+            j.rc, j.seconds = saved["runs"][j.name]["rc"], saved["runs"][j.name]["seconds"]
+            path = os.path.join(j.out_dir, "summary.json")
+            if j.rc == 0 and os.path.exists(path):
+                with open(path) as f:
+                    j.summary = json.load(f)
+    else:
+        print(f"paper.sh ({args.mode}): {len(jobs)} runs, {args.jobs} at a time; logs in "
+              f"{args.runs}", flush=True)
+        wall = run_all(args.exe, jobs, args.runs, args.jobs)
+        with open(record, "w") as f:
+            json.dump({"defaults": defaults, "wall": wall, "jobs": args.jobs, "plan": plan,
+                       "runs": {j.name: {"rc": j.rc, "seconds": j.seconds}
+                                for j in jobs.values()}}, f, indent=1)
     path, pngs = report(jobs, defaults, plan, args.mode, args.out, wall, args.jobs)
     print(f"\nwrote {path} and {len(pngs)} PNGs in {wall / 60:.1f} min")
     for k in [1, 2, 3, 4, 5, 67]:

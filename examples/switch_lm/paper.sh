@@ -7,6 +7,8 @@
 #   bash examples/switch_lm/paper.sh --quick   # every experiment briefly (a few minutes), into
 #                                              # $SWITCHMOE_BUILD_DIR/paper_quick; fails unless
 #                                              # every run learns and the report is written
+#   bash examples/switch_lm/paper.sh --report-only   # rewrite paper.md and the PNGs from the
+#                                              # runs already done (after editing paper.py)
 #
 # SWITCHMOE_BUILD_DIR (default build/) is the CMake build tree; the runs' own outputs go to
 # $SWITCHMOE_BUILD_DIR/paper_runs (paper_runs_quick). PAPER_JOBS (default 2) runs at once;
@@ -20,10 +22,13 @@ jobs=${SWITCHMOE_JOBS:-2}
 source examples/switch_lm/build.sh
 
 mode=full
+extra=()
 for arg in "$@"; do
   case "$arg" in
     --quick) mode=quick ;;
-    *) echo "paper.sh: unknown argument '$arg' (expected --quick or nothing)" >&2; exit 2 ;;
+    --report-only) extra+=(--report-only) ;;
+    *) echo "paper.sh: unknown argument '$arg' (expected --quick, --report-only or nothing)" >&2
+      exit 2 ;;
   esac
 done
 if [[ $mode == quick ]]; then
@@ -34,4 +39,4 @@ else
   runs=$build_dir/paper_runs
 fi
 exec python3 examples/switch_lm/paper.py --exe "$exe" --mode "$mode" --out "$out" --runs "$runs" \
-  --jobs "${PAPER_JOBS:-2}"
+  --jobs "${PAPER_JOBS:-2}" "${extra[@]}"
