@@ -9,6 +9,8 @@
 #                                              # every run learns and the report is written
 #   bash examples/switch_lm/paper.sh --report-only   # rewrite paper.md and the PNGs from the
 #                                              # runs already done (after editing paper.py)
+#   bash examples/switch_lm/paper.sh --resume   # rerun only what is missing or whose options
+#                                              # changed since the last invocation
 #
 # SWITCHMOE_BUILD_DIR (default build/) is the CMake build tree; the runs' own outputs go to
 # $SWITCHMOE_BUILD_DIR/paper_runs (paper_runs_quick). PAPER_JOBS (default 2) runs at once;
@@ -26,8 +28,8 @@ extra=()
 for arg in "$@"; do
   case "$arg" in
     --quick) mode=quick ;;
-    --report-only) extra+=(--report-only) ;;
-    *) echo "paper.sh: unknown argument '$arg' (expected --quick, --report-only or nothing)" >&2
+    --report-only | --resume) extra+=("$arg") ;;
+    *) echo "paper.sh: unknown argument '$arg' (expected --quick, --resume, --report-only or nothing)" >&2
       exit 2 ;;
   esac
 done

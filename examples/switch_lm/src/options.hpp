@@ -286,7 +286,7 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
   if (!o.resume.empty() && !o.load.empty())
     throw std::invalid_argument(
         "options --resume and --load exclude each other (--resume DIR "
-        "trains on, --load DIR --generate only samples)");
+        "trains on; --load DIR fine-tunes, or only samples with --generate)");
   if (o.generate && o.load.empty())
     throw std::invalid_argument("option --generate needs --load DIR");
   if (o.variant.top_k > o.moe.experts)
@@ -300,7 +300,8 @@ inline Options parse_options(int argc, char** argv, Options o = Options()) {
   if (o.expert_parallel &&
       (o.distill || o.generate || !o.save.empty() || !o.resume.empty() || !o.load.empty()))
     throw std::invalid_argument(
-        "option --expert-parallel: not supported with --distill, --generate, --save or --resume");
+        "option --expert-parallel: not supported with --distill, --generate, --save, --resume or "
+        "--load");
   if (o.distill_teacher_weight > 1.0)
     throw std::invalid_argument(
         "option --distill-weight = " + std::to_string(o.distill_teacher_weight) +

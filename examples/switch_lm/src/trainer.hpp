@@ -394,6 +394,13 @@ class Run {
     for (const EvalPoint& p : curve_)
       curve.push_back({p.step, p.tokens, p.seconds, p.train_bits, p.valid_bits});
     state["curve"] = curve;
+    state["stats"] = {{"dropped_sum", stats_.dropped_sum},
+                      {"entropy_sum", stats_.entropy_sum},
+                      {"layer_calls", stats_.layer_calls},
+                      {"loss_spikes", stats_.loss_spikes},
+                      {"max_train_bits", stats_.max_train_bits},
+                      {"ema_bits", stats_.ema_bits},
+                      {"finite", stats_.finite}};
     return state;
   }
 
@@ -404,7 +411,18 @@ class Run {
     std::string sampler;
     std::vector<StreamPositions> streams;
     std::vector<EvalPoint> curve;
+    TrainingStats stats;  // a checkpoint of an older version has none: they restart
     with_state_errors(dir, [&] {
+      if (state.contains("stats")) {
+        const nlohmann::json& st = state.at("stats");
+        stats.dropped_sum = st.at("dropped_sum").get<double>();
+        stats.entropy_sum = st.at("entropy_sum").get<double>();
+        stats.layer_calls = st.at("layer_calls").get<long long>();
+        stats.loss_spikes = st.at("loss_spikes").get<int>();
+        stats.max_train_bits = st.at("max_train_bits").get<double>();
+        stats.ema_bits = st.at("ema_bits").get<double>();
+        stats.finite = st.at("finite").get<bool>();
+      }
       sampler = state.at("sampler").get<std::string>();
       BatchSampler(sampler_).set_state(sampler);  // checks it on a copy
       const nlohmann::json& saved = state.at("streams");
@@ -438,6 +456,7 @@ class Run {
     train_bits_sum_ = bits_sum;
     train_bits_count_ = bits_count;
     last_train_bits_ = last_bits;
+    stats_ = stats;
   }
 
  private:

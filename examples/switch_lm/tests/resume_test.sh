@@ -35,6 +35,16 @@ for f in "${files[@]}"; do
   cmp "full/$f" "resumed/$f" || fail "$f after 8 steps differs between the full and the resumed run"
 done
 echo "8 steps = 4 steps + resume for 4: all ${#files[@]} files identical"
+# ... and the same training statistics in summary.json (routing, spikes: kept in state.json).
+python3 - full.out/summary.json resumed.out/summary.json <<'PY' || fail "summary.json's training statistics differ between the full and the resumed run"
+import json, sys
+keys = ("dropped_fraction", "router_entropy", "loss_spikes", "max_train_bits", "finite")
+a, b = ([{k: r[k] for k in keys} for r in json.load(open(f))["runs"]] for f in sys.argv[1:])
+if a != b:
+    print(a, b, sep="\n")
+    sys.exit(1)
+PY
+echo "the resumed run's training statistics equal the full run's"
 
 # 2. The comparison can fail.
 for f in "${files[@]}"; do
