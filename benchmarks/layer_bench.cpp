@@ -36,6 +36,7 @@
 
 #include "peak.hpp"
 #include "switchmoe/switchmoe.hpp"
+#include "timing.hpp"
 
 namespace switchmoe_bench {
 namespace {
@@ -50,13 +51,7 @@ struct LayerShape {
   Pass pass;
 };
 
-Matrix<float> random_matrix(int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix<float> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
+using switchmoe_bench::random_matrix;
 
 class ThreadScope {
  public:

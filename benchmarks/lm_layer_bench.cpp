@@ -27,30 +27,17 @@
 #include <vector>
 
 #include "switchmoe/switchmoe.hpp"
+#include "timing.hpp"
 
 namespace {
 
+using switchmoe_bench::Clock;
 using switchmoe::Matrix;
 using switchmoe::Mode;
-using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-Matrix<float> random_matrix(int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix<float> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
+using switchmoe_bench::median;
+using switchmoe_bench::random_matrix;
+using switchmoe_bench::seconds_since;
 
 struct Options {
   int reps = 41, threads = 1, tokens = 2048;

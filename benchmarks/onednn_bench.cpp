@@ -54,22 +54,15 @@
 #include <vector>
 
 #include "switchmoe/switchmoe.hpp"
+#include "timing.hpp"
 
 namespace {
 
+using switchmoe_bench::Clock;
 using switchmoe::Matrix;
-using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
+using switchmoe_bench::median;
+using switchmoe_bench::seconds_since;
 // ---------------------------------------------------------------------------------------------
 // Cache flush: clflushopt on every cache line of every writable private mapping of the process
 // (/proc/self/maps: heap, anonymous mmaps, thread stacks; not the [stack] of the calling
@@ -472,13 +465,7 @@ struct Result {
   double switch_warm_s = 0.0, onednn_warm_s = 0.0;
 };
 
-Matrix<float> random_matrix(int rows, int cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  Matrix<float> m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  return m;
-}
+using switchmoe_bench::random_matrix;
 
 template <class Policy>
 void run_precision(const char* precision, const MoeShape& shape, bool per_thread,
