@@ -31,9 +31,9 @@
 
 namespace {
 
-using switchmoe_bench::Clock;
 using switchmoe::Matrix;
 using switchmoe::Mode;
+using switchmoe_bench::Clock;
 
 using switchmoe_bench::median;
 using switchmoe_bench::random_matrix;

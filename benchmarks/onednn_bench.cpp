@@ -58,8 +58,8 @@
 
 namespace {
 
-using switchmoe_bench::Clock;
 using switchmoe::Matrix;
+using switchmoe_bench::Clock;
 
 using switchmoe_bench::median;
 using switchmoe_bench::seconds_since;
