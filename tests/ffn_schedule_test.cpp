@@ -42,8 +42,9 @@ std::vector<int> mixed_offsets(int experts, std::mt19937& gen) {
 }
 
 bool same_bits(const Matrix<float>& a, const Matrix<float>& b) {
+  // An empty matrix may have no storage: memcmp must not see its null pointer.
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
 }
 
 // Everything one schedule produces: y, and after a backward dx and every gradient.
