@@ -41,6 +41,7 @@ class Job:
         self.start = self.end = None
         self.rc = None
         self.summary = None
+        self.config = None
         self.date = None  # set when the run is kept from an earlier invocation (--resume)
 
 
@@ -62,33 +63,34 @@ def plan_jobs(plan, defaults, runs):
         common += ["--eval-tokens", str(plan["eval_tokens"])]
     jobs = {}
 
-    def add(name, experiment, args, needs=None):
+    def add(name, experiment, args, needs=None, config=None):
         jobs[name] = Job(name, experiment, args, needs)
+        jobs[name].config = config  # the options of its configuration, for measure_speeds
 
     # 6 + 7: the default comparison (exactly run.sh's, default threads) plus --distill.
     add("headline", 67, list(plan["headline"]))
     # The base Switch run (all defaults): shared by experiments 1-5; saved for the fine-tuning.
-    add("switch_base", 1, common + ["--only", "switch", "--save", os.path.join(runs, "pretrained")])
-    add("dense", 1, common + ["--only", "dense"])
+    add("switch_base", 1, common + ["--only", "switch", "--save", os.path.join(runs, "pretrained")],
+        config=["--only", "switch"])
+    add("dense", 1, common + ["--only", "dense"], config=["--only", "dense"])
     for e in EXPERTS:
         if e != defaults["experts"]:
-            add(f"experts_{e}", 1, common + ["--only", "switch", "--experts", str(e)])
+            c = ["--only", "switch", "--experts", str(e)]
+            add(f"experts_{e}", 1, common + c, config=c)
     # Experiments 2 and 3 differ by hundredths of a bit: every configuration runs with each of
     # the seeds of experiment 4 (whose scale-0.1 runs are the default configuration's seeds).
     for seed in plan["seeds"]:
         sfx = "" if seed == defaults["seed"] else f"_seed{seed}"
         sd = [] if seed == defaults["seed"] else ["--seed", str(seed)]
-        for cf in CAPACITY:
-            if abs(cf - defaults["capacity-factor"]) > 1e-9:
-                add(f"cf_{cf}{sfx}", 2, common + sd + ["--only", "switch", "--capacity-factor",
-                                                       str(cf)])
-        add(f"dropless{sfx}", 2, common + sd + ["--only", "switch", "--dropless"])
-        add(f"top2_cf2.0{sfx}", 2, common + sd + ["--only", "switch", "--top-k", "2",
-                                                   "--capacity-factor", "2.0"])
-        for p in ["fp32", "bf16", "bf16-router"]:
-            if p != defaults["precision"]:
-                add(f"precision_{p}{sfx}", 3, common + sd + ["--only", "switch", "--precision",
-                                                              p])
+        configs = [(f"cf_{cf}", 2, ["--only", "switch", "--capacity-factor", str(cf)])
+                   for cf in CAPACITY if abs(cf - defaults["capacity-factor"]) > 1e-9]
+        configs += [("dropless", 2, ["--only", "switch", "--dropless"]),
+                    ("top2_cf2.0", 2, ["--only", "switch", "--top-k", "2", "--capacity-factor",
+                                       "2.0"])]
+        configs += [(f"precision_{p}", 3, ["--only", "switch", "--precision", p])
+                    for p in ["fp32", "bf16", "bf16-router"] if p != defaults["precision"]]
+        for name, experiment, c in configs:
+            add(name + sfx, experiment, common + sd + c, config=None if sd else c)
     for scale in [0.1, 1.0]:
         for seed in plan["seeds"]:
             if abs(scale - defaults["init-scale"]) < 1e-6 and seed == defaults["seed"]:
@@ -109,28 +111,21 @@ def plan_jobs(plan, defaults, runs):
 
 
 # Speeds: runs of different processes overlap different load on a shared machine, so their
-# tokens/s are not comparable. Every configuration whose speed a table shows is timed again,
-# alone, in short runs taken in turn (round robin), and the median seconds per step is used.
-def speed_configs(defaults):
-    c = [("dense", ["--only", "dense"]), (f"experts_{defaults['experts']}", ["--only", "switch"])]
-    c += [(f"experts_{e}", ["--only", "switch", "--experts", str(e)]) for e in EXPERTS
-          if e != defaults["experts"]]
-    c += [(f"cf_{cf}", ["--only", "switch", "--capacity-factor", str(cf)]) for cf in CAPACITY
-          if abs(cf - defaults["capacity-factor"]) > 1e-9]
-    c += [("dropless", ["--only", "switch", "--dropless"]),
-          ("top2_cf2.0", ["--only", "switch", "--top-k", "2", "--capacity-factor", "2.0"])]
-    c += [(f"precision_{p}", ["--only", "switch", "--precision", p])
-          for p in ["fp32", "bf16", "bf16-router"] if p != defaults["precision"]]
-    return c
+# tokens/s are not comparable. Every configuration whose speed a table shows (the seed-1 jobs of
+# experiments 1-3) is timed again, alone, in short runs taken in turn (round robin), and the
+# median seconds per step is used. The default configuration is timed as experts_<E>.
+def speed_configs(jobs, defaults):
+    return [(f"experts_{defaults['experts']}" if j.name == "switch_base" else j.name, j.config)
+            for j in jobs.values() if j.config is not None]
 
 
-def measure_speeds(exe, defaults, plan, runs):
+def measure_speeds(exe, jobs, defaults, plan, runs):
     """{config: median training seconds per step} over plan['speed_rounds'] round-robin rounds."""
-    times = {name: [] for name, _ in speed_configs(defaults)}
+    times = {name: [] for name, _ in speed_configs(jobs, defaults)}
     d = os.path.join(runs, "speed")
     t0 = time.time()
     for k in range(plan["speed_rounds"]):
-        for name, args in speed_configs(defaults):
+        for name, args in speed_configs(jobs, defaults):
             shutil.rmtree(d, ignore_errors=True)
             subprocess.run([exe, "--out", d, "--steps", str(plan["speed_steps"]), "--eval-interval",
                             str(plan["speed_steps"]), "--eval-tokens", "2048", "--threads", "1",
@@ -330,6 +325,12 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
     def job_for(name):
         return jobs.get(name) if name in jobs else jobs["switch_base"]
 
+    def figure(name, title, series, number, **kw):  # a PNG, linked from paper.md when drawn
+        png = plot(out, name, title, series, **kw)
+        if png:
+            pngs.append(png)
+            w(f"![experiment {number}]({os.path.basename(png)})\n")
+
     def seeded(name):
         """The runs of one configuration over the seeds (seed 1's run is named without suffix;
         the default configuration's other seeds are experiment 4's scale-0.1 runs)."""
@@ -459,10 +460,7 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
                  "small imbalances overflow. What the paper's larger gains need is its scale: "
                  "far more tokens per expert and per step, and 10^5 steps.\n")
         w(text)
-    png = plot(out, "exp1_experts", "Experiment 1: dense vs Switch with 2-64 experts", series)
-    if png:
-        pngs.append(png)
-        w(f"![experiment 1]({os.path.basename(png)})\n")
+    figure("exp1_experts", "Experiment 1: dense vs Switch with 2-64 experts", series, 1)
 
     # ---- 2 ----
     w("## 2. Capacity factor and top-2 routing (paper Table 1)\n")
@@ -529,10 +527,7 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
               f"{tokens_per_step} tokens.\n")
         else:
             w(f"The slowest configuration's step takes {spread:.2f}x the fastest's.\n")
-    png = plot(out, "exp2_capacity", "Experiment 2: capacity factor and top-2 (seed 1)", series)
-    if png:
-        pngs.append(png)
-        w(f"![experiment 2]({os.path.basename(png)})\n")
+    figure("exp2_capacity", "Experiment 2: capacity factor and top-2 (seed 1)", series, 2)
 
     # ---- 3 ----
     w("## 3. Selective precision (paper Table 2)\n")
@@ -590,11 +585,8 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
                       "their halved bytes cannot speed up the whole step the way they speed up "
                       "the paper's expert-dominated steps (1390 vs 1160 ex/s)")
             w(t + ".\n")
-    png = plot(out, "exp3_precision", "Experiment 3: selective precision (training loss, seed 1)",
-               series, ycol="train_bits", ylabel="training bits/byte")
-    if png:
-        pngs.append(png)
-        w(f"![experiment 3]({os.path.basename(png)})\n")
+    figure("exp3_precision", "Experiment 3: selective precision (training loss, seed 1)", series,
+           3, ycol="train_bits", ylabel="training bits/byte")
 
     # ---- 4 ----
     w("## 4. Initialization scale (paper Table 3)\n")
@@ -618,13 +610,15 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
     better = m1 < m2
     clear = m2 - m1 > 2 * max(s1, s2)
     stabler = s1 < 0.5 * s2
+    verdict = ("reproduces" if better and clear else
+               "reproduces only weakly" if better else "does NOT reproduce")
     w(f"\n**paper**: the 10x smaller initialization is better and far more stable across seeds "
       f"(sd 0.01 against 0.68). **measured**: scale 0.1 is "
       f"{'better' if better else 'NOT better'} on average ({m1:.4f} vs {m2:.4f}, "
       f"{'more' if clear else 'less'} than twice the larger sd), and its spread across seeds is "
       f"{'much smaller' if stabler else 'about the same' if s1 <= 2 * s2 else 'LARGER'} "
       f"(sd {s1:.4f} vs {s2:.4f}). The quality claim "
-      f"{'reproduces' if better and clear else 'reproduces only weakly' if better else 'does NOT reproduce'}"
+      f"{verdict}"
       f"; the stability claim {'reproduces' if stabler else 'does NOT'}. ")
     if not (better and clear and stabler):
         w(f"This model has LayerNorm before every block and only {defaults['layers']} "
@@ -634,10 +628,7 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
           "bf16 would be needed to see it.\n")
     else:
         w("\n")
-    png = plot(out, "exp4_init", "Experiment 4: initialization scale 0.1 vs 1.0", series)
-    if png:
-        pngs.append(png)
-        w(f"![experiment 4]({os.path.basename(png)})\n")
+    figure("exp4_init", "Experiment 4: initialization scale 0.1 vs 1.0", series, 4)
 
     # ---- 5 ----
     w("## 5. Expert dropout when fine-tuning (paper Table 4)\n")
@@ -695,10 +686,7 @@ def report(jobs, defaults, plan, mode, out, wall, parallel, speeds):
                   "dropout only slowed learning; seeing it needs a setting where the "
                   "fine-tuning overfits (a smaller text, or more steps).\n")
         w(t)
-    png = plot(out, "exp5_finetune", "Experiment 5: fine-tuning on the licences (seed 1)", series)
-    if png:
-        pngs.append(png)
-        w(f"![experiment 5]({os.path.basename(png)})\n")
+    figure("exp5_finetune", "Experiment 5: fine-tuning on the licences (seed 1)", series, 5)
 
     # ---- 6 + 7 ----
     h = jobs["headline"].summary
@@ -831,7 +819,7 @@ def main():
         t0 = time.time()
         wall = run_all(args.exe, jobs, args.runs, args.jobs)
         print("timing every configuration alone, in turn:", flush=True)
-        speeds = measure_speeds(args.exe, defaults, plan, args.runs)
+        speeds = measure_speeds(args.exe, jobs, defaults, plan, args.runs)
         wall = time.time() - t0
         today = time.strftime("%Y-%m-%d %H:%M")
         with open(record, "w") as f:
