@@ -110,28 +110,10 @@ class FeedForward {
   // Checkpoints: the library layer's tensors under switchmoe's own names (SEMANTICS 22) with
   // `prefix`, its buffers included; load_weights checks every tensor before changing any.
   void save(switchmoe::io::SafetensorsWriter& writer, const std::string& prefix) {
-    std::visit(
-        [&](auto& layer) {
-          if constexpr (is_parallel<decltype(layer)>()) {
-            throw std::invalid_argument(
-                "switch_lm: checkpoints of --expert-parallel runs are not supported");
-          } else {
-            switchmoe::save_weights(writer, *layer, kNames, prefix);
-          }
-        },
-        layer_);
+    with_local_layer([&](auto& layer) { switchmoe::save_weights(writer, layer, kNames, prefix); });
   }
   void load(const switchmoe::io::SafetensorsReader& reader, const std::string& prefix) {
-    std::visit(
-        [&](auto& layer) {
-          if constexpr (is_parallel<decltype(layer)>()) {
-            throw std::invalid_argument(
-                "switch_lm: checkpoints of --expert-parallel runs are not supported");
-          } else {
-            switchmoe::load_weights(reader, *layer, kNames, prefix);
-          }
-        },
-        layer_);
+    with_local_layer([&](auto& layer) { switchmoe::load_weights(reader, layer, kNames, prefix); });
   }
 
   // Positions of the layer's random streams (router jitter, dropout): state that a checkpoint
@@ -192,6 +174,22 @@ class FeedForward {
  private:
   static constexpr switchmoe::WeightNames kNames = switchmoe::WeightNames::kSwitchmoe;
   static ExpertLoad expert_load(const switchmoe::RoutingStats& stats) { return {stats, 1}; }
+
+  // f(layer) on a layer of this process (dense or Switch); checkpoints of an expert-parallel
+  // layer, whose experts are spread over the ranks, are refused.
+  template <class F>
+  void with_local_layer(F&& f) {
+    std::visit(
+        [&](auto& layer) {
+          if constexpr (is_parallel<decltype(layer)>()) {
+            throw std::invalid_argument(
+                "switch_lm: checkpoints of --expert-parallel runs are not supported");
+          } else {
+            f(*layer);
+          }
+        },
+        layer_);
+  }
 
   template <class Pointer>
   static constexpr bool is_parallel() {
