@@ -159,30 +159,52 @@ void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
   using Element = typename Kernel::Element;
   constexpr int kKPack = Kernel::kKPack;
   const int steps = packed_steps<Kernel>(kc);
+  const int full_steps = kc / kKPack;  // k-steps with kKPack valid k values
   for (int q0 = 0; q0 < rows; q0 += kPanel) {
     const int valid_rows = std::min(kPanel, rows - q0);
     const S* base = view.data + (r0 + q0) * view.row_stride + p0 * view.k_stride;
+    int s0 = 0;  // the first k-step left to the loop below
     if constexpr (std::is_same_v<S, Element>) {
-      if (valid_rows == kPanel && kc == steps * kKPack) {
-        Kernel::template pack_full_panel<kPanel>(view, base, steps, dst);
-        dst += static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
-        continue;
+      if (valid_rows == kPanel && full_steps > 0) {
+        // The layout of the first full_steps k-steps does not depend on the steps after them,
+        // so an odd kc (bf16 pairs) packs all but its last step here.
+        Kernel::template pack_full_panel<kPanel>(view, base, full_steps, dst);
+        s0 = full_steps;
       }
     }
-    // Edge panels, and sources of another type (a float master matrix packed for bf16):
-    // S -> Element is an explicit rounding conversion (Eigen's round-to-nearest-even for bf16).
-    for (int s = 0; s < steps; ++s) {
-      for (int r = 0; r < kPanel; ++r) {
-        for (int q = 0; q < kKPack; ++q) {
-          const int kk = s * kKPack + q;
-          dst[(s * kPanel + r) * kKPack + q] =
-              (r < valid_rows && kk < kc) ? Kernel::pack(static_cast<Element>(
-                                                base[r * view.row_stride + kk * view.k_stride]))
-                                          : Packed(0);
+    // Edge panels (fewer rows), the last odd k-step, and sources of another type (a float
+    // master matrix packed for bf16): S -> Element is an explicit rounding conversion (Eigen's
+    // round-to-nearest-even for bf16). Rows and k values past the end are zeros.
+    for (int s = s0; s < steps; ++s) {
+      Packed* out = dst + static_cast<std::ptrdiff_t>(s) * kPanel * kKPack;
+      std::fill(out + valid_rows * kKPack, out + kPanel * kKPack, Packed(0));
+      for (int q = 0; q < kKPack; ++q) {
+        const int kk = s * kKPack + q;
+        if (kk >= kc) {
+          for (int r = 0; r < valid_rows; ++r) out[r * kKPack + q] = Packed(0);
+          continue;
+        }
+        const S* src = base + kk * view.k_stride;
+        for (int r = 0; r < valid_rows; ++r) {
+          out[r * kKPack + q] = Kernel::pack(static_cast<Element>(src[r * view.row_stride]));
         }
       }
     }
     dst += static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
+  }
+}
+
+// Asks for rows [0, rows) x columns [0, cols) of C (rows ldc apart) in L2, for writing: the C
+// block of the next micro-tile, while the current one runs its k loop. Weight gradients
+// (C += A^T B over one expert's rows) have a short k loop and a C that is out of cache (the
+// gradients of all experts do not fit in L2), so the kernel's own prefetch at the start of a
+// tile comes too late. A hint only: it changes no result.
+inline void prefetch_rows(const float* c, std::ptrdiff_t ldc, int rows, int cols) {
+  for (int i = 0; i < rows; ++i) {
+    const char* ci = reinterpret_cast<const char*>(c + i * ldc);
+    for (int b = 0; b < cols * static_cast<int>(sizeof(float)); b += 64) {
+      __builtin_prefetch(ci + b, 1, 2);
+    }
   }
 }
 
@@ -215,6 +237,10 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
         for (int ir = 0; ir < mc; ir += Kernel::kMr) {
           float* cij = p.c + static_cast<std::ptrdiff_t>(i0 + ic + ir) * p.ldc + (j0 + jr);
+          if (ir + Kernel::kMr < mc)
+            prefetch_rows(cij + Kernel::kMr * p.ldc, p.ldc,
+                          std::min(Kernel::kMr, mc - ir - Kernel::kMr),
+                          std::min(Kernel::kNr, nc - jr));
           Kernel::run(steps, a_pack + (ir / Kernel::kMr) * a_panel, bj, cij, p.ldc, beta,
                       std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr),
                       ir == 0 ? bj + b_panel : nullptr);
