@@ -149,6 +149,10 @@ constexpr int packed_steps(int kc) {
   return (kc + Kernel::kKPack - 1) / Kernel::kKPack;
 }
 
+// k-steps per chunk when pack_panels packs panel rows contiguous in memory: 16 source rows of
+// a 140-row block (kMc) are 9 KB (float), so a chunk stays in L1 while all panels take it.
+inline constexpr int kPackChunkSteps = 16;
+
 // Packs rows [r0, r0 + rows) x k values [p0, p0 + kc) of `view` into panels of `kPanel` rows
 // (the layout documented in pack.hpp); partial panels and k-steps are padded
 // with zeros. Shared by A (kPanel = kMr) and B (kPanel = kNr).
@@ -160,18 +164,33 @@ void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
   constexpr int kKPack = Kernel::kKPack;
   const int steps = packed_steps<Kernel>(kc);
   const int full_steps = kc / kKPack;  // k-steps with kKPack valid k values
+  const std::ptrdiff_t panel_size = static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
+  // Full panels with full k-steps go to the kernel's packer. The layout of a panel's first s
+  // k-steps does not depend on the steps after them, so a packer call may cover any run of
+  // steps: an odd kc (bf16 pairs) packs all but its last step there, and when panel rows are
+  // contiguous in memory (A transposed, as in weight gradients: a k value's row holds the
+  // panel rows of every panel) the steps are cut into chunks, each packed for all panels
+  // before the next, so that each source row is read from L1 once rather than from L2 once per
+  // panel.
+  int packed_panels = 0;  // full panels whose first full_steps k-steps are packed
+  if constexpr (std::is_same_v<S, Element>) {
+    packed_panels = full_steps > 0 ? rows / kPanel : 0;
+    const int chunk = view.row_stride == 1 ? kPackChunkSteps : std::max(1, full_steps);
+    for (int s0 = 0; s0 < full_steps; s0 += chunk) {
+      const int n = std::min(chunk, full_steps - s0);
+      for (int q = 0; q < packed_panels; ++q) {
+        Kernel::template pack_full_panel<kPanel>(
+            view,
+            view.data + (r0 + q * kPanel) * view.row_stride +
+                (p0 + static_cast<std::ptrdiff_t>(s0) * kKPack) * view.k_stride,
+            n, dst + q * panel_size + static_cast<std::ptrdiff_t>(s0) * kPanel * kKPack);
+      }
+    }
+  }
   for (int q0 = 0; q0 < rows; q0 += kPanel) {
     const int valid_rows = std::min(kPanel, rows - q0);
     const S* base = view.data + (r0 + q0) * view.row_stride + p0 * view.k_stride;
-    int s0 = 0;  // the first k-step left to the loop below
-    if constexpr (std::is_same_v<S, Element>) {
-      if (valid_rows == kPanel && full_steps > 0) {
-        // The layout of the first full_steps k-steps does not depend on the steps after them,
-        // so an odd kc (bf16 pairs) packs all but its last step here.
-        Kernel::template pack_full_panel<kPanel>(view, base, full_steps, dst);
-        s0 = full_steps;
-      }
-    }
+    const int s0 = q0 / kPanel < packed_panels ? full_steps : 0;  // first step left to pack
     // Edge panels (fewer rows), the last odd k-step, and sources of another type (a float
     // master matrix packed for bf16): S -> Element is an explicit rounding conversion (Eigen's
     // round-to-nearest-even for bf16). Rows and k values past the end are zeros.
@@ -190,7 +209,7 @@ void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
         }
       }
     }
-    dst += static_cast<std::ptrdiff_t>(steps) * kPanel * kKPack;
+    dst += panel_size;
   }
 }
 

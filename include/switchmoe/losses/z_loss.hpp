@@ -5,17 +5,72 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "switchmoe/core/types.hpp"
 
 namespace switchmoe {
 namespace detail {
 
+/// exp(x) in double for x <= 0, in plain arithmetic that compilers vectorize (std::exp is a
+/// library call per element): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to
+/// degree 13 (truncation below 1e-17 relative), times 2^n built from the exponent bits. Within
+/// about 2 ulp of the exact value. x is clamped at -708 (exp(-708) ~ 3e-308, still normal):
+/// the terms that clamping raises are below 1e-300, and they are only ever added to a sum of
+/// at least 1 (the largest term of a log-sum-exp is exp(0)), where they do not show.
+inline double exp_nonpositive(double x) {
+  constexpr double kLog2e = 1.4426950408889634;
+  constexpr double kLn2Hi = 0.693147180369123816490;  // ln2 split: n * kLn2Hi is exact
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  // x = max(x, -708) on the bits (a floating-point compare would keep compilers from
+  // vectorizing under -ftrapping-math): as unsigned integers, +0.0 is 0 and a negative x is
+  // 2^63 plus its magnitude's bits, which grow with the magnitude.
+  std::uint64_t x_bits = 0, floor_bits = 0;
+  constexpr double kFloor = -708.0;
+  std::memcpy(&x_bits, &x, sizeof(x));
+  std::memcpy(&floor_bits, &kFloor, sizeof(kFloor));
+  x_bits = std::min(x_bits, floor_bits);
+  std::memcpy(&x, &x_bits, sizeof(x));
+  // n = round(x log2 e) for x <= 0 (truncation of y - 0.5 toward zero; ties away from zero)
+  const auto n_int = static_cast<std::int64_t>(x * kLog2e - 0.5);
+  const auto n = static_cast<double>(n_int);
+  const double r = (x - n * kLn2Hi) - n * kLn2Lo;
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  // 2^n: n + 1023 in the exponent field (n >= -1022 after the clamp)
+  const std::int64_t exponent = n_int + 1023;
+  const std::uint64_t scale_bits = static_cast<std::uint64_t>(exponent) << 52;
+  double scale = 0.0;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
+}
+
+/// log(sum_e exp(row(e))) in double: the max, then the exps of the differences (in chunks a
+/// compiler vectorizes), summed in column order.
 template <class Row>
 double logsumexp(const Row& row) {
   const double max = static_cast<double>(row.maxCoeff());
+  constexpr Eigen::Index kChunk = 64;
+  double terms[kChunk];
   double sum = 0.0;
-  for (Eigen::Index e = 0; e < row.size(); ++e) sum += std::exp(static_cast<double>(row(e)) - max);
+  for (Eigen::Index e0 = 0; e0 < row.size(); e0 += kChunk) {
+    const Eigen::Index n = std::min(kChunk, row.size() - e0);
+    for (Eigen::Index i = 0; i < n; ++i) terms[i] = static_cast<double>(row(e0 + i)) - max;
+    for (Eigen::Index i = 0; i < n; ++i) terms[i] = exp_nonpositive(terms[i]);
+    for (Eigen::Index i = 0; i < n; ++i) sum += terms[i];
+  }
   return max + std::log(sum);
 }
 

@@ -57,6 +57,17 @@ inline void normalize_rows(const Matrix<float>& scores, Matrix<float>& normalize
 inline void top_k_experts(const Eigen::Ref<const Matrix<float>>& logits, int k,
                           Matrix<int>& expert) {
   expert.resize(logits.rows(), k);
+  if (k == 1) {  // the argmax (first of equals) of each row: the loop below for c = 0, on pointers
+    for (Eigen::Index t = 0; t < logits.rows(); ++t) {
+      const float* row = logits.data() + t * logits.outerStride();
+      int best = 0;
+      for (int e = 1; e < static_cast<int>(logits.cols()); ++e) {
+        if (row[e] > row[best]) best = e;
+      }
+      expert(t, 0) = best;
+    }
+    return;
+  }
   for (Eigen::Index t = 0; t < logits.rows(); ++t) {
     for (int c = 0; c < k; ++c) {
       const Eigen::Index prev = c > 0 ? expert(t, c - 1) : -1;

@@ -100,11 +100,10 @@ class Router {
     const float* input = x.data();  // [tokens, d_model] what the router multiplies
     Eigen::Index input_stride = x.outerStride();
     if (mode == Mode::kTrain || kBf16) {  // keep the (jittered, rounded) input for backward
-      input_ = x;
       if (mode == Mode::kTrain && config_.jitter_eps > 0.0f) {
-        fill_jitter_noise(x.rows(), first_token, calls_++);
-        input_.array() *= noise_.array();
+        jitter_input(x, first_token, calls_++);
       } else {
+        input_ = x;
         noise_.resize(0, 0);
       }
       input = input_.data();
@@ -118,9 +117,18 @@ class Router {
       weight = weight_bf16_.data();
     }
     logits.resize(x.rows(), config_.num_experts);  // [tokens, experts]
-    kernels::gemm<float, Isa>({tokens, config_.num_experts, config_.d_model, input, input_stride,
-                               kernels::Transpose::kNo, weight, config_.num_experts,
-                               kernels::Transpose::kNo, logits.data(), config_.num_experts, 0.0f});
+    const int e = config_.num_experts;
+    if (narrow_products(tokens)) {  // logits^T = W^T * input^T, then transposed into place
+      logits_t_.resize(e, tokens);  // [experts, tokens]
+      kernels::gemm<float, Isa>({e, tokens, config_.d_model, weight, e, kernels::Transpose::kYes,
+                                 input, input_stride, kernels::Transpose::kYes, logits_t_.data(),
+                                 tokens, 0.0f});
+      logits = logits_t_.transpose();
+    } else {
+      kernels::gemm<float, Isa>({tokens, e, config_.d_model, input, input_stride,
+                                 kernels::Transpose::kNo, weight, e, kernels::Transpose::kNo,
+                                 logits.data(), e, 0.0f});
+    }
     if (config_.bias) logits.rowwise() += bias_.row(0);
     if constexpr (kBf16) detail::round_to_bf16(logits);
     has_forward_ = mode == Mode::kTrain;
@@ -153,8 +161,15 @@ class Router {
     dx.resize(tokens, d);  // [tokens, d_model]
     kernels::gemm<float, Isa>({tokens, d, e, dl, e, kernels::Transpose::kNo, weight_.data(), e,
                                kernels::Transpose::kYes, dx.data(), d, 0.0f});
-    kernels::gemm<float, Isa>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
-                               kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
+    if (narrow_products(tokens)) {                // dW^T += dlogits^T * input, on dW^T's own copy
+      grad_weight_t_ = grad_weight_.transpose();  // [experts, d_model]
+      kernels::gemm<float, Isa>({e, d, tokens, dl, e, kernels::Transpose::kYes, input_.data(), d,
+                                 kernels::Transpose::kNo, grad_weight_t_.data(), d, 1.0f});
+      grad_weight_ = grad_weight_t_.transpose();
+    } else {
+      kernels::gemm<float, Isa>({d, e, tokens, input_.data(), d, kernels::Transpose::kYes, dl, e,
+                                 kernels::Transpose::kNo, grad_weight_.data(), e, 1.0f});
+    }
     if (config_.bias && tokens > 0) {  // no tokens: nothing to add (and no null-based Map)
       grad_bias_ += Eigen::Map<const Matrix<float>>(dl, tokens, e).colwise().sum();
     }
@@ -201,27 +216,47 @@ class Router {
     }
   }
 
+  /// Whether the products with `experts` as their n (the logits, dW) run transposed, experts
+  /// as their m: fewer experts than the kernel's register tile is wide would leave most of every
+  /// column panel empty, while m is cut into row tiles as small as the kernel's. Each element
+  /// is the same chain of fused multiply-adds either way (the same k blocks, in the same order;
+  /// a product's two factors only swap places), so the results are bitwise the same; only the
+  /// speed differs. Calls of fewer tokens than a panel is wide keep the plain form.
+  bool narrow_products(int tokens) const {
+    constexpr int kPanel = kernels::detail::MicroKernel<Isa, float>::kNr;
+    return config_.num_experts < kPanel && tokens >= kPanel;
+  }
+
   /// noise_ = U(1 - eps, 1 + eps) per element of the input (SEMANTICS 3), drawn from
-  /// (seed, call) and keyed by global token index; refilled in place.
-  void fill_jitter_noise(Eigen::Index tokens, std::int64_t first_token, std::uint64_t call) {
+  /// (seed, call) and keyed by global token index, and input_ = x .* noise_, in one pass (both
+  /// refilled in place).
+  void jitter_input(const Eigen::Ref<const Matrix<float>>& x, std::int64_t first_token,
+                    std::uint64_t call) {
     const detail::CounterRng rng(config_.seed, detail::Stream::kJitter, call);
-    noise_.resize(tokens, config_.d_model);
+    const Eigen::Index tokens = x.rows(), d = config_.d_model;
+    noise_.resize(tokens, d);  // [tokens, d_model]
+    input_.resize(tokens, d);  // [tokens, d_model]
     const float lo = 1.0f - config_.jitter_eps, width = 2.0f * config_.jitter_eps;
-    const Eigen::Index d = config_.d_model;
     detail::parallel_for(tokens, 8 * d, [&](Eigen::Index t) {
+      const float* xt = x.data() + t * x.outerStride();
+      float* noise = noise_.data() + t * d;
+      float* input = input_.data() + t * d;
+      const auto first = static_cast<std::uint64_t>((first_token + t) * d);
       for (Eigen::Index j = 0; j < d; ++j) {
-        noise_(t, j) =
-            lo + width * rng.uniform(static_cast<std::uint64_t>((first_token + t) * d + j));
+        noise[j] = lo + width * rng.uniform(first + static_cast<std::uint64_t>(j));
+        input[j] = xt[j] * noise[j];
       }
     });
   }
 
   RouterConfig config_;
   Matrix<float> weight_, bias_, grad_weight_, grad_bias_;
-  Matrix<float> input_;    // [tokens, d_model] router input of the last forward, after jitter
-  Matrix<float> noise_;    // [tokens, d_model] jitter factors of the last forward, empty if none
-  Matrix<float> dlogits_;  // [tokens, experts] contiguous copy of a strided dlogits in backward
-  Matrix<float> weight_bf16_;  // [d_model, experts] Bf16RouterAblation only: the rounded weights
+  Matrix<float> input_;     // [tokens, d_model] router input of the last forward, after jitter
+  Matrix<float> noise_;     // [tokens, d_model] jitter factors of the last forward, empty if none
+  Matrix<float> dlogits_;   // [tokens, experts] contiguous copy of a strided dlogits in backward
+  Matrix<float> logits_t_;  // [experts, tokens] the transposed logits (narrow_products)
+  Matrix<float> grad_weight_t_;  // [experts, d_model] the transposed dW (narrow_products)
+  Matrix<float> weight_bf16_;    // [d_model, experts] Bf16RouterAblation only: the rounded weights
   std::uint64_t calls_ = 0;
   bool has_forward_ = false;
 };

@@ -1,0 +1,162 @@
+// Tests of the code paths added for the small LM-shaped layer (issue 15, round 3):
+// - the router's transposed ("narrow") products for fewer experts than a kernel panel is wide:
+//   bitwise the plain GEMM form, and near a double-precision reference;
+// - the vectorizable exp of the z-loss's log-sum-exp: within 2 ulp of std::exp, exp(0) == 1,
+//   and the log-sum-exp near a long double reference;
+// - the top-1 choice: the first column of the general top-k, ties to the lower index.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+
+#include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/losses/z_loss.hpp"
+#include "switchmoe/routing/route.hpp"
+#include "switchmoe/routing/router.hpp"
+
+namespace {
+
+using switchmoe::Fp32;
+using switchmoe::Matrix;
+using switchmoe::Mode;
+using switchmoe::Router;
+using switchmoe::RouterConfig;
+namespace kernels = switchmoe::kernels;
+
+Matrix<float> random_matrix(int rows, int cols, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Matrix<float> m(rows, cols);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) m(r, c) = normal(rng);
+  }
+  return m;
+}
+
+bool same_bits(const Matrix<float>& a, const Matrix<float>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
+}
+
+// Router forward and backward (no jitter, so the router multiplies x itself) against the plain
+// GEMM form [tokens, d] x [d, experts] and dW += x^T dlogits, bitwise; and against a double
+// reference. Token counts on both sides of the narrow-products switch, experts below and above
+// a panel's width, one and two threads, and two backwards (dW accumulates).
+TEST(NarrowRouterProducts, BitwiseThePlainFormAndNearDouble) {
+  std::mt19937 rng(7);
+  const int saved = omp_get_max_threads();
+  for (int threads : {1, 2}) {
+    omp_set_num_threads(threads);
+    for (int experts : {16, 5, 40}) {
+      for (int tokens : {0, 3, 31, 32, 700, 2048}) {
+        const int d = 64;
+        RouterConfig c;
+        c.d_model = d;
+        c.num_experts = experts;
+        c.jitter_eps = 0.0f;
+        c.seed = 11;
+        Router<Fp32> router(c);
+        const Matrix<float> x = random_matrix(tokens, d, rng);
+        Matrix<float> logits, dx;
+        router.forward(x, Mode::kTrain, logits);
+        Matrix<float> want(tokens, experts);
+        kernels::gemm<float>({tokens, experts, d, x.data(), d, kernels::Transpose::kNo,
+                              router.weight().data(), experts, kernels::Transpose::kNo, want.data(),
+                              experts, 0.0f});
+        EXPECT_TRUE(same_bits(logits, want))
+            << "logits, experts " << experts << ", tokens " << tokens << ", threads " << threads;
+        Matrix<float> want_dw = random_matrix(d, experts, rng);
+        router.grad_weight() = want_dw;
+        const Matrix<float> dw0 = want_dw;
+        for (int pass = 0; pass < 2; ++pass) {
+          const Matrix<float> dlogits = random_matrix(tokens, experts, rng);
+          router.backward(dlogits, dx);
+          kernels::gemm<float>({d, experts, tokens, x.data(), d, kernels::Transpose::kYes,
+                                dlogits.data(), experts, kernels::Transpose::kNo, want_dw.data(),
+                                experts, 1.0f});
+          EXPECT_TRUE(same_bits(router.grad_weight(), want_dw))
+              << "dW, experts " << experts << ", tokens " << tokens << ", pass " << pass;
+          // The double reference of this pass's increment.
+          const Eigen::MatrixXd inc =
+              x.cast<double>().transpose() * dlogits.cast<double>();  // [d, experts]
+          if (pass == 0 && tokens > 0) {
+            const Eigen::MatrixXd got = router.grad_weight().cast<double>() - dw0.cast<double>();
+            EXPECT_LT((got - inc).cwiseAbs().maxCoeff(), 1e-4 * std::sqrt(tokens + 1.0));
+          }
+        }
+        if (tokens > 0) {
+          const Eigen::MatrixXd ref = x.cast<double>() * router.weight().cast<double>();
+          EXPECT_LT((logits.cast<double>() - ref).cwiseAbs().maxCoeff(), 1e-4);
+        }
+      }
+    }
+  }
+  omp_set_num_threads(saved);
+}
+
+double ulp_distance(double got, double want) {
+  const double ulp = std::nextafter(want, std::numeric_limits<double>::infinity()) - want;
+  return std::fabs(got - want) / ulp;
+}
+
+TEST(ZLossExp, WithinTwoUlpOfStdExp) {
+  using switchmoe::detail::exp_nonpositive;
+  EXPECT_EQ(exp_nonpositive(0.0), 1.0);
+  EXPECT_EQ(exp_nonpositive(-0.0), 1.0);
+  std::mt19937_64 rng(3);
+  double worst = 0.0;
+  for (int i = 0; i < 200000; ++i) {
+    const double range = i % 3 == 0 ? 1.0 : i % 3 == 1 ? 50.0 : 700.0;
+    const double x = -std::uniform_real_distribution<double>(0.0, range)(rng);
+    worst = std::max(worst, ulp_distance(exp_nonpositive(x), std::exp(x)));
+  }
+  EXPECT_LE(worst, 2.0);
+  // Below the clamp: tiny, positive, finite (and invisible next to the exp(0) of a row's max).
+  for (double x : {-708.5, -1000.0, -1e30}) {
+    const double v = exp_nonpositive(x);
+    EXPECT_TRUE(v >= 0.0 && v < 1e-300) << x << " -> " << v;
+  }
+}
+
+TEST(ZLossExp, LogSumExpNearLongDouble) {
+  std::mt19937 rng(5);
+  for (int experts : {1, 2, 16, 63, 64, 65, 200}) {
+    for (float scale : {0.01f, 1.0f, 30.0f, 1e4f}) {
+      Matrix<float> row = random_matrix(1, experts, rng) * scale;
+      long double max = row.maxCoeff(), sum = 0.0L;
+      for (int e = 0; e < experts; ++e) sum += std::exp(static_cast<long double>(row(0, e)) - max);
+      const long double want = max + std::log(sum);
+      const double got = switchmoe::detail::logsumexp(row.row(0));
+      EXPECT_NEAR(got, static_cast<double>(want), 1e-14 * std::max(1.0L, std::fabs(want)))
+          << experts << " experts, scale " << scale;
+    }
+  }
+}
+
+// k = 1 on logits with many ties: the first column of the general top-2 (the loop the k = 1
+// path replaces), and the lowest index among the row's maxima.
+TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int> level(0, 3);
+  for (int experts : {1, 2, 16, 33}) {
+    Matrix<float> logits(300, experts);
+    for (int t = 0; t < logits.rows(); ++t) {
+      for (int e = 0; e < experts; ++e) logits(t, e) = static_cast<float>(level(rng));
+    }
+    Matrix<int> top1, top2;
+    switchmoe::detail::top_k_experts(logits, 1, top1);
+    if (experts >= 2) switchmoe::detail::top_k_experts(logits, 2, top2);
+    for (int t = 0; t < logits.rows(); ++t) {
+      int want = 0;
+      for (int e = 0; e < experts; ++e) {
+        if (logits(t, e) > logits(t, want)) want = e;
+      }
+      EXPECT_EQ(top1(t, 0), want) << "token " << t << ", " << experts << " experts";
+      if (experts >= 2) EXPECT_EQ(top1(t, 0), top2(t, 0)) << "token " << t;
+    }
+  }
+}
+
+}  // namespace
