@@ -162,8 +162,8 @@ inline constexpr int kMaxThinRows = 2 * Kernel::kThinRows;
 // in the experts' whole-FFN schedule) nothing is gained by splitting columns without a
 // barrier, and a second row group re-reads every weight panel from L2 while the tile path's
 // 14-row tile reads it once: measured (RESULTS_issue15.md, round 3, weights from memory), the
-// tile path was faster in 17 of 20 A/Bs at 10-16 rows (by up to 40% at 14), so one-thread calls
-// take the thin path only for up to one row group.
+// tile path was faster in 16 of 24 A/Bs at 10-16 rows (in all 8 at 12 and 14 rows, by up to
+// 40%), so one-thread calls take the thin path only for up to one row group.
 template <class Kernel, class T>
 bool thin_call(const GemmProblem<T>* problems, std::size_t count, int threads) {
   const int max_rows = threads == 1 ? Kernel::kThinRows : kMaxThinRows<Kernel>;
