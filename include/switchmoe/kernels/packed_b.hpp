@@ -8,11 +8,17 @@
 // same k order; it only skips packing B inside every call.
 
 #include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -22,6 +28,54 @@
 #include "switchmoe/kernels/workspace.hpp"
 
 namespace switchmoe::kernels {
+
+namespace detail {
+
+// Whether PackedStorage advises huge pages. A hook for same-process A/B benchmarks (RESULTS_
+// issue15.md, round 3): it applies to buffers grown after it is set; never changes a result.
+inline bool& packed_huge_pages() {
+  static bool on = true;
+  return on;
+}
+
+// The grow-only storage of packed weights. Buffers of at least kHugePageBytes are aligned to
+// and rounded up to whole 2 MB pages and advised as transparent huge pages (Linux
+// MADV_HUGEPAGE; elsewhere, or when the kernel declines, plain pages): expert weights are
+// streamed from memory at every call, and on 4 KB pages every 4 KB of a stream costs a TLB
+// miss (a 4 MB expert spans 1024 pages, more than the L2 TLB holds across 128 experts). The
+// memory cost is at most one partly used 2 MB page per buffer of >= 2 MB.
+class PackedStorage {
+ public:
+  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
+
+  // At least `bytes` bytes, 64-byte aligned; contents are unspecified after growth. Throws
+  // std::bad_alloc (the object is then unchanged).
+  void* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      Eigen::internal::check_that_malloc_is_allowed();  // visible to EIGEN_RUNTIME_NO_MALLOC
+      const bool huge = bytes >= kHugePageBytes && packed_huge_pages();
+      const std::size_t align = huge ? kHugePageBytes : kCacheLine;
+      const std::size_t rounded = (bytes + align - 1) / align * align;
+      void* p = std::aligned_alloc(align, rounded);
+      if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure leaves plain pages
+#endif
+      data_.reset(p);
+      capacity_ = rounded;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  std::size_t capacity_ = 0;
+};
+
+}  // namespace detail
 
 template <class T, class Isa = isa::Native>
 class PackedB {
@@ -126,7 +180,7 @@ class PackedB {
 
   int k_ = 0, n_ = 0, panels_ = 0;
   Packed* data_ = nullptr;
-  detail::AlignedBuffer storage_;
+  detail::PackedStorage storage_;
 };
 
 // C = op(A) * B + beta * C with a pre-packed B: op(A) is [m, b->k()], C is [m, b->n()].
