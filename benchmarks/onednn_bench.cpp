@@ -29,10 +29,13 @@
 // "% bw" = those bytes / call time / probe bandwidth. "warm" repeats the call right away.
 //
 //   onednn_bench [--reps N] [--tokens 1,8,64,512,2048] [--precision fp32,bf16]
-//                [--many_experts] [--schedule auto|split|whole] [--ab_schedule]
+//                [--many_experts | --only_many_experts] [--schedule auto|split|whole]
+//                [--ab_schedule]
 //                [--json FILE]
 // --schedule forces switchmoe's expert schedule (FeedForwardBank::whole_ffn_schedule);
 // --ab_schedule also times switchmoe under both schedules, interleaved, and reports the ratio.
+// --many_experts also times switchmoe with 128 against 8 experts (512 x 2048, interleaved): the
+// time per token ratio. --only_many_experts skips the 8 x 768 x 3072 cases.
 // Needs libdnnl-dev (Debian; `bash cmake/install_deps.sh libdnnl-dev`); CMake skips this
 // program when oneDNN is not found.
 
@@ -455,6 +458,7 @@ struct Options {
   std::string json;
   std::string schedule = "auto";  // switchmoe's expert schedule: auto, split or whole
   bool ab_schedule = false;       // also time switchmoe whole-FFN vs split-tiles, interleaved
+  bool only_many = false;         // --many_experts without the 8-expert cases
 };
 
 struct Result {
@@ -593,6 +597,45 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
   std::fprintf(stderr, "oneDNN %s implementation: %s\n", precision, moe.impl().c_str());
 }
 
+// Issue 15's per-token target: switchmoe's forward with 128 experts against 8 experts at
+// 512 x 2048 and 2048 tokens (same tokens, so the time ratio is the per-token ratio),
+// interleaved in one process (the order flips every repetition); median of the ratios.
+template <class Policy>
+void run_experts_ratio(const char* precision, int reps) {
+  auto make = [](int experts) {
+    switchmoe::SwitchConfig config;
+    config.d_model = 512;
+    config.d_ff = 2048;
+    config.routing.num_experts = experts;
+    config.routing.dropless = true;
+    config.seed = 7;
+    return switchmoe::SwitchLayer<Policy>(config);
+  };
+  switchmoe::SwitchLayer<Policy> few = make(8), many = make(128);
+  const Matrix<float> x = random_matrix(2048, 512, 2148);
+  switchmoe::SwitchOutput out;
+  few.forward(x, switchmoe::Mode::kEval, out);  // warm-up: buffers, packing
+  many.forward(x, switchmoe::Mode::kEval, out);
+  std::vector<double> t_few, t_many, ratio;
+  for (int rep = 0; rep < reps; ++rep) {
+    double t[2] = {0.0, 0.0};
+    for (int side = 0; side < 2; ++side) {
+      const int which = (side + rep) % 2;  // 0: 8 experts, 1: 128
+      const auto start = Clock::now();
+      (which == 0 ? few : many).forward(x, switchmoe::Mode::kEval, out);
+      t[which] = seconds_since(start);
+    }
+    t_few.push_back(t[0]);
+    t_many.push_back(t[1]);
+    ratio.push_back(t[1] / t[0]);
+  }
+  std::printf(
+      "| %s | 128 vs 8 experts, time per token | 2048 | 512 x 2048 | 8 experts %.3f ms | 128 "
+      "experts %.3f ms | median ratio %.3f |\n",
+      precision, median(t_few) * 1e3, median(t_many) * 1e3, median(ratio));
+  std::fflush(stdout);
+}
+
 std::vector<int> parse_ints(const std::string& s) {
   std::vector<int> v;
   std::stringstream in(s);
@@ -628,12 +671,15 @@ int main(int argc, char** argv) {
       options.ab_schedule = true;
     } else if (arg == "--many_experts") {
       options.many_experts = true;
+    } else if (arg == "--only_many_experts") {
+      options.many_experts = options.only_many = true;
     } else if (arg == "--json" && has_value) {
       options.json = argv[++i];
     } else {
       std::fprintf(stderr,
                    "usage: %s [--reps N] [--tokens 1,8,...] [--precision fp32,bf16] "
-                   "[--many_experts] [--schedule auto|split|whole] [--ab_schedule] [--json FILE]\n",
+                   "[--many_experts | --only_many_experts] [--schedule auto|split|whole] "
+                   "[--ab_schedule] [--json FILE]\n",
                    argv[0]);
       return 2;
     }
@@ -658,7 +704,7 @@ int main(int argc, char** argv) {
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   std::vector<Result> results;
   const MoeShape shape{768, 3072, 8};
-  for (const std::string& p : options.precisions) {
+  for (const std::string& p : options.only_many ? std::vector<std::string>{} : options.precisions) {
     if (p == "fp32") {
       run_precision<switchmoe::Fp32>("fp32", shape, false, options.tokens, options, probe, results);
     } else if (p == "bf16") {
@@ -666,6 +712,11 @@ int main(int argc, char** argv) {
     }
   }
   if (options.many_experts) {
+    for (const std::string& p : options.precisions) {
+      const int reps = options.reps > 0 ? options.reps : 7;
+      if (p == "fp32") run_experts_ratio<switchmoe::Fp32>("fp32", reps);
+      if (p == "bf16") run_experts_ratio<switchmoe::Bf16>("bf16", reps);
+    }
     const MoeShape many{512, 2048, 128};
     for (const std::string& p : options.precisions) {
       for (bool per_thread : {false, true}) {

@@ -199,10 +199,15 @@ struct Avx512Tile {
   // are bitwise those of run_tile; only more column panels are in flight, which keeps enough
   // independent chains (2 * kThin * kPanels) busy when there are few rows, and reads kPanels
   // streams of B at once.
+  //
+  // When `b_next` is not null, each step also prefetches into L2 the same step of the kPanels
+  // panels the caller runs next (b_next, panel_stride apart), as run_tile does for its next
+  // micro-panel: the weights streamed from memory then arrive while this tile computes.
   template <int kThin, int kPanels, class Packed, class E, class Broadcast, class Fma>
   static inline __attribute__((always_inline)) void run_thin_tile(
       int steps, const E* const* a_rows, const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
-      float* c, std::ptrdiff_t ldc, float beta, int rows, int cols, Broadcast broadcast, Fma fma) {
+      float* c, std::ptrdiff_t ldc, float beta, int rows, int cols, const Packed* b_next,
+      Broadcast broadcast, Fma fma) {
     __m512 acc[kThin][kPanels][2];
 #pragma GCC unroll 16
     for (int i = 0; i < kThin; ++i) {
@@ -212,7 +217,8 @@ struct Avx512Tile {
     const E* ar[kThin];
 #pragma GCC unroll 16
     for (int i = 0; i < kThin; ++i) ar[i] = a_rows[i];
-    for (int s = 0; s < steps; ++s) {
+    // One step: the same fma chain with or without the prefetch (results do not depend on it).
+    const auto step = [&](int s) __attribute__((always_inline)) {
       const Packed* bs = b + static_cast<std::ptrdiff_t>(s) * b_stride;
 #pragma GCC unroll 16
       for (int i = 0; i < kThin; ++i) {
@@ -223,6 +229,21 @@ struct Avx512Tile {
           acc[i][g][1] = fma(acc[i][g][1], ai, bs + g * panel_stride + b_stride / 2);
         }
       }
+    };
+    if (b_next != nullptr) {
+      for (int s = 0; s < steps; ++s) {
+        const char* next =
+            reinterpret_cast<const char*>(b_next + static_cast<std::ptrdiff_t>(s) * b_stride);
+#pragma GCC unroll 16
+        for (int g = 0; g < kPanels; ++g) {
+          const char* line = next + g * panel_stride * static_cast<std::ptrdiff_t>(sizeof(Packed));
+          _mm_prefetch(line, _MM_HINT_T1);
+          _mm_prefetch(line + 64, _MM_HINT_T1);
+        }
+        step(s);
+      }
+    } else {
+      for (int s = 0; s < steps; ++s) step(s);
     }
 #pragma GCC unroll 16
     for (int g = 0; g < kPanels; ++g) {
@@ -234,22 +255,35 @@ struct Avx512Tile {
     }
   }
 
+  // The fewest rows (kThin) of a thin tile that prefetches. Measured (RESULTS_issue15.md, round
+  // 3): with 4 to 8 rows the prefetch cut the time of streamed weights by 2-29%; with one row
+  // (8 panels, 16 prefetches a step next to 16 loads) it made the kernel 1-17% slower.
+  static constexpr int kThinPrefetchRows = 4;
+
   // Rows [0, rows) (1 <= rows <= 8) of op(A) times `panels` consecutive B panels: groups of
-  // kPanels = 8 / kThin panels (16 accumulators), the last panels one at a time.
+  // kPanels = 8 / kThin panels (16 accumulators), the last panels one at a time. With
+  // `prefetch`, each group prefetches the panels that follow it in memory (the next group's,
+  // and after the last one the panels the caller reads next in the packed layout).
   template <int kThin, class Packed, class E, class Broadcast, class Fma>
   static inline void run_thin_rows(int steps, const E* const* a_rows, const Packed* b,
                                    std::ptrdiff_t panel_stride, int b_stride, int panels, float* c,
                                    std::ptrdiff_t ldc, float beta, int rows, int cols,
-                                   Broadcast broadcast, Fma fma) {
+                                   bool prefetch, Broadcast broadcast, Fma fma) {
     constexpr int kGroup = 8 / kThin;
     int q = 0;
     for (; q + kGroup <= panels; q += kGroup) {
-      run_thin_tile<kThin, kGroup>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
-                                   c + q * kNr, ldc, beta, rows, cols - q * kNr, broadcast, fma);
+      run_thin_tile<kThin, kGroup>(
+          steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
+          cols - q * kNr,
+          prefetch && kThin >= kThinPrefetchRows ? b + (q + kGroup) * panel_stride : nullptr,
+          broadcast, fma);
     }
     for (; q < panels; ++q) {
-      run_thin_tile<kThin, 1>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
-                              c + q * kNr, ldc, beta, rows, cols - q * kNr, broadcast, fma);
+      run_thin_tile<kThin, 1>(
+          steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
+          cols - q * kNr,
+          prefetch && kThin >= kThinPrefetchRows ? b + (q + 1) * panel_stride : nullptr, broadcast,
+          fma);
     }
   }
 
@@ -259,21 +293,21 @@ struct Avx512Tile {
   static inline void run_thin_dispatch(int steps, const E* a, std::ptrdiff_t lda, int rows,
                                        const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
                                        int panels, float* c, std::ptrdiff_t ldc, float beta,
-                                       int cols, Broadcast broadcast, Fma fma) {
+                                       int cols, bool prefetch, Broadcast broadcast, Fma fma) {
     const E* a_rows[8];
     for (int i = 0; i < 8; ++i) a_rows[i] = a + std::min(i, rows - 1) * lda;
     if (rows > 4) {
       run_thin_rows<8>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       broadcast, fma);
+                       prefetch, broadcast, fma);
     } else if (rows > 2) {
       run_thin_rows<4>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       broadcast, fma);
+                       prefetch, broadcast, fma);
     } else if (rows > 1) {
       run_thin_rows<2>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       broadcast, fma);
+                       prefetch, broadcast, fma);
     } else {
       run_thin_rows<1>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       broadcast, fma);
+                       prefetch, broadcast, fma);
     }
   }
 
@@ -340,9 +374,9 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   static constexpr int kThinRows = 8;
   static void run_thin(int steps, const T* a, std::ptrdiff_t lda, int rows, const Packed* b,
                        std::ptrdiff_t panel_stride, int panels, float* c, std::ptrdiff_t ldc,
-                       float beta, int cols) {
+                       float beta, int cols, bool prefetch = false) {
     run_thin_dispatch(
-        steps, a, lda, rows, b, panel_stride, kNr, panels, c, ldc, beta, cols,
+        steps, a, lda, rows, b, panel_stride, kNr, panels, c, ldc, beta, cols, prefetch,
         [](const T* ai, int s)
             __attribute__((always_inline)) { return _mm512_set1_ps(pack(ai[s])); },
         [](__m512 acc, __m512 ai, const Packed* bs) __attribute__((always_inline)) {
@@ -445,9 +479,9 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   static constexpr int kThinRows = 8;
   static void run_thin(int steps, const Eigen::bfloat16* a, std::ptrdiff_t lda, int rows,
                        const Packed* b, std::ptrdiff_t panel_stride, int panels, float* c,
-                       std::ptrdiff_t ldc, float beta, int cols) {
+                       std::ptrdiff_t ldc, float beta, int cols, bool prefetch = false) {
     run_thin_dispatch(
-        steps, a, lda, rows, b, panel_stride, 2 * kNr, panels, c, ldc, beta, cols,
+        steps, a, lda, rows, b, panel_stride, 2 * kNr, panels, c, ldc, beta, cols, prefetch,
         [](const Eigen::bfloat16* ai, int s) __attribute__((always_inline)) {
           std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
           std::memcpy(&pair, ai + 2 * s, sizeof(pair));

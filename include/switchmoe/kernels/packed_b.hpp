@@ -8,11 +8,17 @@
 // same k order; it only skips packing B inside every call.
 
 #include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -22,6 +28,54 @@
 #include "switchmoe/kernels/workspace.hpp"
 
 namespace switchmoe::kernels {
+
+namespace detail {
+
+// Whether PackedStorage advises huge pages. A hook for same-process A/B benchmarks (RESULTS_
+// issue15.md, round 3): it applies to buffers grown after it is set; never changes a result.
+inline bool& packed_huge_pages() {
+  static bool on = true;
+  return on;
+}
+
+// The grow-only storage of packed weights. Buffers of at least kHugePageBytes are aligned to
+// and rounded up to whole 2 MB pages and advised as transparent huge pages (Linux
+// MADV_HUGEPAGE; elsewhere, or when the kernel declines, plain pages): expert weights are
+// streamed from memory at every call, and on 4 KB pages every 4 KB of a stream costs a TLB
+// miss (a 4 MB expert spans 1024 pages, more than the L2 TLB holds across 128 experts). The
+// memory cost is at most one partly used 2 MB page per buffer of >= 2 MB.
+class PackedStorage {
+ public:
+  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
+
+  // At least `bytes` bytes, 64-byte aligned; contents are unspecified after growth. Throws
+  // std::bad_alloc (the object is then unchanged).
+  void* reserve(std::size_t bytes) {
+    if (bytes > capacity_) {
+      Eigen::internal::check_that_malloc_is_allowed();  // visible to EIGEN_RUNTIME_NO_MALLOC
+      const bool huge = bytes >= kHugePageBytes && packed_huge_pages();
+      const std::size_t align = huge ? kHugePageBytes : kCacheLine;
+      const std::size_t rounded = (bytes + align - 1) / align * align;
+      void* p = std::aligned_alloc(align, rounded);
+      if (p == nullptr) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure leaves plain pages
+#endif
+      data_.reset(p);
+      capacity_ = rounded;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  std::size_t capacity_ = 0;
+};
+
+}  // namespace detail
 
 template <class T, class Isa = isa::Native>
 class PackedB {
@@ -126,7 +180,7 @@ class PackedB {
 
   int k_ = 0, n_ = 0, panels_ = 0;
   Packed* data_ = nullptr;
-  detail::AlignedBuffer storage_;
+  detail::PackedStorage storage_;
 };
 
 // C = op(A) * B + beta * C with a pre-packed B: op(A) is [m, b->k()], C is [m, b->n()].
@@ -157,14 +211,21 @@ inline constexpr int kMaxThinRows = 2 * Kernel::kThinRows;
 // A call takes the thin path when every problem with work is thin: few rows (decode, or many
 // experts with a few tokens each), op(A) row-major, k > 0, and whole k-steps (bf16 pairs).
 // Which path runs never changes a result (run_thin_problems), so this is only about speed.
+//
+// `threads` is the call's thread count. With one thread (a call inside a parallel region, as
+// in the experts' whole-FFN schedule) nothing is gained by splitting columns without a
+// barrier, and a second row group re-reads every weight panel from L2 while the tile path's
+// 14-row tile reads it once: measured (RESULTS_issue15.md, round 3, weights from memory), the
+// tile path was faster in 16 of 24 A/Bs at 10-16 rows (in all 8 at 12 and 14 rows, by up to
+// 40%), so one-thread calls take the thin path only for up to one row group.
 template <class Kernel, class T>
-bool thin_call(const GemmProblem<T>* problems, std::size_t count) {
+bool thin_call(const GemmProblem<T>* problems, std::size_t count, int threads) {
+  const int max_rows = threads == 1 ? Kernel::kThinRows : kMaxThinRows<Kernel>;
   bool any = false;
   for (std::size_t i = 0; i < count; ++i) {
     const GemmProblem<T>& p = problems[i];
     if (p.m == 0 || p.n == 0) continue;
-    if (p.m > kMaxThinRows<Kernel> || p.k == 0 || p.trans_a != Transpose::kNo ||
-        p.k % Kernel::kKPack != 0) {
+    if (p.m > max_rows || p.k == 0 || p.trans_a != Transpose::kNo || p.k % Kernel::kKPack != 0) {
       return false;
     }
     any = true;
@@ -181,6 +242,14 @@ struct ThinUnit {
 
 // Column panels per chunk of the thin schedule (see run_thin_problems).
 inline constexpr int kThinChunkPanels = 8;
+
+// Whether the thin schedule's first row group prefetches the next weight panels (run_thin).
+// A hook for same-process A/B benchmarks (RESULTS_issue15.md, round 3): set it only between
+// calls; it changes the speed, never a result.
+inline bool& thin_prefetch() {
+  static bool on = true;
+  return on;
+}
 
 inline std::vector<ThinUnit>& thread_thin_units() {
   thread_local std::vector<ThinUnit> units;
@@ -248,14 +317,16 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
           // Chunks of kThinChunkPanels panels, each run for every row group before the next:
           // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
           // than being streamed from memory twice. The order of chunks and row groups changes
-          // no element's operations (each is within one run_thin call).
+          // no element's operations (each is within one run_thin call). The first row group
+          // prefetches the panels after its own into L2 (the second finds its chunk there).
           for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
             const int panels = std::min(kThinChunkPanels, unit.q1 - q);
             const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
             for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
               Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
                                std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
-                               panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols);
+                               panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols,
+                               thin_prefetch() && r0 == 0);
             }
           }
         }
@@ -307,7 +378,8 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
     const std::size_t most_units =
         2 * count + static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
     if (units.capacity() < most_units) units.reserve(most_units);
-    if (thin_call<Kernel>(plain.data(), plain.size())) {
+    const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (thin_call<Kernel>(plain.data(), plain.size(), threads)) {
       run_thin_problems<Kernel>(plain.data(), plain.size(), packed, epilogue);
       return;
     }
