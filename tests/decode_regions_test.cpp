@@ -197,10 +197,12 @@ TEST(DecodeRegions, Bf16PartsMatchTheLargeCall) {
   check_parts_against_large_call<switchmoe::Bf16>();
 }
 
-// The whole layer at 1 and 8 tokens (no region for the router, gather and combine) against the
-// same tokens in a 1024-token call, fp32 and bf16, on 1, 2 and 3 threads.
+// The whole layer at 1 and 8 tokens (no region for the router, gather and combine; both expert
+// products in one region of two stages, the thin path) against the same tokens in a 1024-token
+// call (every piece in its own region, the tile path), fp32 and bf16, on 1, 2 and 3 threads;
+// with biases and a shared expert, the second stage has an epilogue and two FFNs' products.
 template <class Policy>
-void check_layer_against_large_call() {
+void check_layer_against_large_call(bool bias_and_shared) {
   ThreadCount restore;
   switchmoe::SwitchConfig config;
   config.d_model = 768;
@@ -208,7 +210,17 @@ void check_layer_against_large_call() {
   config.routing.num_experts = 4;
   config.routing.dropless = true;
   config.seed = 12;
+  config.expert_bias = bias_and_shared;
+  config.shared_d_ff = bias_and_shared ? 64 : 0;
   switchmoe::SwitchLayer<Policy> layer(config);
+  if (bias_and_shared) {  // nonzero biases, so that a skipped or repeated epilogue shows
+    for (int e = 0; e < config.routing.num_experts; ++e) {
+      layer.b_in(e) = random_matrix(1, config.d_ff, 20 + e, 0.1f);
+      layer.b_out(e) = random_matrix(1, config.d_model, 30 + e, 0.1f);
+    }
+    layer.shared_b_in() = random_matrix(1, config.shared_d_ff, 40, 0.1f);
+    layer.shared_b_out() = random_matrix(1, config.d_model, 41, 0.1f);
+  }
   const int pool = 1024;
   const Matrix<float> x = random_matrix(pool, config.d_model, 5);  // [pool, d_model]
   omp_set_num_threads(2);
@@ -229,10 +241,16 @@ void check_layer_against_large_call() {
 }
 
 TEST(DecodeRegions, Fp32LayerMatchesTheLargeCall) {
-  check_layer_against_large_call<switchmoe::Fp32>();
+  check_layer_against_large_call<switchmoe::Fp32>(false);
 }
 TEST(DecodeRegions, Bf16LayerMatchesTheLargeCall) {
-  check_layer_against_large_call<switchmoe::Bf16>();
+  check_layer_against_large_call<switchmoe::Bf16>(false);
+}
+TEST(DecodeRegions, Fp32LayerWithBiasesAndSharedExpertMatchesTheLargeCall) {
+  check_layer_against_large_call<switchmoe::Fp32>(true);
+}
+TEST(DecodeRegions, Bf16LayerWithBiasesAndSharedExpertMatchesTheLargeCall) {
+  check_layer_against_large_call<switchmoe::Bf16>(true);
 }
 
 }  // namespace
