@@ -226,6 +226,34 @@ void check_layer_against_large_call(bool bias_and_shared) {
   omp_set_num_threads(2);
   switchmoe::SwitchOutput full;
   layer.forward(x, Mode::kEval, full);
+  // The large call against double precision: gate * FFN_e(x) (+ the shared FFN, weight 1), with
+  // the biases; a tolerance for bf16 rounding of x and the hidden layer in the Bf16 policy.
+  const bool bf16 = std::is_same_v<Policy, switchmoe::Bf16>;
+  const auto ffn = [&](const Eigen::RowVectorXd& xt, const Matrix<float>& w_in,
+                       const Matrix<float>& b_in, const Matrix<float>& w_out,
+                       const Matrix<float>& b_out) {
+    Eigen::RowVectorXd h = xt * w_in.cast<double>();
+    if (b_in.size() > 0) h += b_in.cast<double>();
+    h = h.cwiseMax(0.0);
+    Eigen::RowVectorXd y = h * w_out.cast<double>();
+    if (b_out.size() > 0) y += b_out.cast<double>();
+    return y;
+  };
+  for (int t : {0, 1, 700, 707}) {
+    const Eigen::RowVectorXd xt = x.row(t).cast<double>();
+    const int e = full.routing.expert(t, 0);
+    Eigen::RowVectorXd want = full.routing.gate(t, 0) *
+                              ffn(xt, layer.w_in(e), layer.b_in(e), layer.w_out(e), layer.b_out(e));
+    if (bias_and_shared) {
+      want += ffn(xt, layer.shared_w_in(), layer.shared_b_in(), layer.shared_w_out(),
+                  layer.shared_b_out());
+    }
+    const double scale = want.cwiseAbs().maxCoeff() + 1e-3;
+    EXPECT_LT((full.y.row(t).cast<double>() - want).cwiseAbs().maxCoeff() / scale,
+              bf16 ? 3e-2 : 1e-4)
+        << "token " << t;
+  }
+  layer.sync_weights();  // the accessors above exposed the weights; repacking gives the same
   for (int threads : {1, 2, 3}) {
     omp_set_num_threads(threads);
     for (int size : {1, 8}) {
