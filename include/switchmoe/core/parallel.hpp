@@ -55,9 +55,9 @@ class LoopExceptions {
 /// machine wait for a thread that may not be running. Measured on the 2-core VM (issue 15,
 /// benchmarks/RESULTS_issue15.md round 3): a region around the gather or combine of 64 tokens x
 /// 768 (49152 elements) took 35-45 us warm and 180-290 us cold (the static schedule waits for a
-/// descheduled worker's half), against a few us for the plain loop. 2^17 elements (about 50-100
-/// us of copying on one thread) keeps every decode and small-batch loop on the calling thread
-/// and still splits the large ones (2048 tokens x 64 and more).
+/// descheduled worker's half), against a few us for the plain loop. 2^17 elements (tens of
+/// microseconds of copying on one thread) keeps every decode and small-batch loop on the calling
+/// thread and still splits the large ones (2048 tokens x 64 and more).
 inline constexpr Eigen::Index kMinParallelWork = Eigen::Index{1} << 17;
 
 /// Whether parallel_for(n, work_per_item, ...) opens an OpenMP region. Decided from the shape
