@@ -50,22 +50,40 @@ class LoopExceptions {
   std::exception_ptr exception_;
 };
 
-/// Runs body(i) for i in [0, n); in parallel when there is enough work and we are not already
-/// inside a parallel region.
+/// Below this much work (iterations x work per iteration, in elements) a loop runs on the
+/// calling thread: opening an OpenMP region costs a fork and a barrier, which on a loaded
+/// machine wait for a thread that may not be running. Measured on the 2-core VM (issue 15,
+/// benchmarks/RESULTS_issue15.md round 3): a region around the gather or combine of 64 tokens x
+/// 768 (49152 elements) took 35-45 us warm and 180-290 us cold (the static schedule waits for a
+/// descheduled worker's half), against a few us for the plain loop. 2^17 elements (tens of
+/// microseconds of copying on one thread) keeps every decode and small-batch loop on the calling
+/// thread and still splits the large ones (2048 tokens x 64 and more).
+inline constexpr Eigen::Index kMinParallelWork = Eigen::Index{1} << 17;
+
+/// Whether parallel_for(n, work_per_item, ...) opens an OpenMP region. Decided from the shape
+/// only; as every iteration is independent, it never changes a result.
+inline bool parallel_loop(Eigen::Index n, Eigen::Index work_per_item) {
+  return n > 1 && n * work_per_item >= kMinParallelWork;
+}
+
+/// Runs body(i) for i in [0, n); in parallel when there is enough work (parallel_loop) and we
+/// are not already inside a parallel region. A loop below the threshold opens no region at all
+/// (not even a one-thread one): it is a plain loop on the calling thread.
 ///
 /// The body may throw (std::bad_alloc, or a user callback's exception): the exception of the
 /// lowest index i that threw reaches the caller, after the loop; the iterations after a failure
 /// may or may not have run, so the output of the call is then unspecified (partially written).
 template <class Body>
 void parallel_for(Eigen::Index n, Eigen::Index work_per_item, const Body& body) {
-  constexpr Eigen::Index kMinParallelWork = 1 << 15;
-  const bool parallel = n > 1 && n * work_per_item >= kMinParallelWork;
+  if (!parallel_loop(n, work_per_item)) {
+    for (Eigen::Index i = 0; i < n; ++i) body(i);  // the first throw is the lowest index's
+    return;
+  }
   LoopExceptions exceptions;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static)
 #endif
   for (Eigen::Index i = 0; i < n; ++i) exceptions.run(i, [&] { body(i); });
-  (void)parallel;
   exceptions.rethrow_if_failed();
 }
 

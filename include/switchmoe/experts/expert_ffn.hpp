@@ -509,6 +509,8 @@ class FeedForwardBank {
         }
       });
     } else {
+      // Both products in one batch of two stages: the down product (second stage) starts when
+      // the up product and finish_in are done; a decode (thin) call runs both in one region.
       begin_batch();
       add_packed(routed_, xg.data(), xg.outerStride(), routed_.in_packed, routed_.hidden_pre.data(),
                  kProducts * routed_.width);
@@ -516,18 +518,19 @@ class FeedForwardBank {
         add_packed(shared_, x_shared, ldx_shared, shared_.in_packed, shared_.hidden_pre.data(),
                    kProducts * shared_.width);
       }
-      run_packed(finish_in);
-      begin_batch();
+      const std::size_t second_stage = packed_problems_.size();
       add_packed(routed_, routed_.hidden.data(), routed_.width, routed_.out_packed, yg.data(), ldy);
       if (shared != nullptr) {
         add_packed(shared_, shared_.hidden.data(), shared_.width, shared_.out_packed, y_shared,
                    ldy_shared);
       }
-      if (config_.bias) {
-        run_packed(finish_out);
-      } else {
-        run_packed(NoFinish());
-      }
+      const bool bias = config_.bias;
+      run_packed(
+          finish_in,
+          [&](Part& part, int e, Eigen::Index r, int j0, int cols) {
+            if (bias) finish_out(part, e, r, j0, cols);
+          },
+          second_stage);
     }
     shared_forward_ = shared != nullptr;
     has_forward_ = mode == Mode::kTrain;
@@ -944,6 +947,28 @@ class FeedForwardBank {
         for (int i = i0; i < i0 + rows; ++i) finish(*owner.part, owner.ffn, first + i, j0, cols);
       });
     }
+  }
+
+  /// As above for a batch of two stages: problems [0, second_stage) with finish_first, then,
+  /// once they are complete, the rest with finish_second (kernels::detail::run_thin_problems).
+  template <class FinishFirst, class FinishSecond>
+  void run_packed(const FinishFirst& finish_first, const FinishSecond& finish_second,
+                  std::size_t second_stage) {
+    if (packed_problems_.empty()) return;
+    kernels::detail::gemm_packed_problems(
+        packed_problems_.data(), packed_problems_.size(),
+        [&](int problem, int i0, int rows, int j0, int cols) {
+          const BlockOwner owner = block_owner_[problem];
+          const int first = (*owner.part->offsets)[owner.ffn];
+          for (int i = i0; i < i0 + rows; ++i) {
+            if (static_cast<std::size_t>(problem) < second_stage) {
+              finish_first(*owner.part, owner.ffn, first + i, j0, cols);
+            } else {
+              finish_second(*owner.part, owner.ffn, first + i, j0, cols);
+            }
+          }
+        },
+        second_stage);
   }
 
   /// The schedule of the forward products (issue 15). Either every product runs as one batched

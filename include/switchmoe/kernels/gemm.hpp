@@ -389,6 +389,14 @@ std::pair<typename Kernel::Packed*, typename Kernel::Packed*> thread_pack_buffer
   return {a_pack, b_scratch};
 }
 
+// The largest team whose threads have all grown their packing buffers in run_tiles, for
+// regions opened by the calling thread (OpenMP keeps a thread's pool of workers between its
+// regions).
+inline int& reserved_team_size() {
+  thread_local int size = 0;
+  return size;
+}
+
 // Runs `tiles` in one OpenMP loop; `b_panels_for(problem_index, b_scratch)` returns the
 // B-block provider of a problem (packing into the thread's scratch, or a pre-packed B).
 // Exceptions (the epilogue's, std::bad_alloc from a worker's buffers) are caught per tile; the
@@ -404,9 +412,18 @@ void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
   // index below every tile.
   thread_pack_buffers<Kernel>();
   switchmoe::detail::LoopExceptions exceptions;
-#pragma omp parallel
+  // One tile (the router's product at a few tokens) runs on the calling thread: a region would
+  // only add a fork and a barrier (issue 15). A tile's operations do not depend on the thread
+  // that runs it, so this never changes a result. It opens the region anyway until a team of
+  // this size has grown its buffers (reserved_team_size), for the reason above.
+  const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
+  int& reserved = reserved_team_size();
+  int ran = 0;  // the size of the team that ran the region (0: no region)
+#pragma omp parallel if (count > 1 || team > reserved)
   {
     exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
+#pragma omp master
+    ran = omp_get_num_threads();
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < count; ++t) {
       exceptions.run(t, [&] {
@@ -426,6 +443,7 @@ void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
     }
   }
   exceptions.rethrow_if_failed();
+  reserved = std::max(reserved, ran);
 }
 
 // The tile list of the calling thread, reused across calls.

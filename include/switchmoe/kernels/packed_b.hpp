@@ -264,75 +264,91 @@ inline std::vector<ThinUnit>& thread_thin_units() {
 // the problem for the first block, 1 after): per C element exactly the operations of
 // compute_tile and Kernel::run, so the results are bitwise those of the tile path, for any
 // thread count and unit split. Epilogues run once per unit, on all rows of its columns.
+// Problems [second_stage, count) are a second stage (the experts' down product, whose A is what
+// the first stage's epilogue writes): it starts once every unit of the first stage and its
+// epilogue have finished, behind the barrier of the first loop, in the same region, so a decode
+// call opens one region for both products (issue 15).
 template <class Kernel, class T, class Isa, class Epilogue>
 void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
-                       const PackedGemmProblem<T, Isa>* packed, const Epilogue& epilogue) {
+                       const PackedGemmProblem<T, Isa>* packed, const Epilogue& epilogue,
+                       std::size_t second_stage) {
   constexpr int kNr = Kernel::kNr;
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  double work = 0.0;  // panels x k of all problems
-  for (std::size_t i = 0; i < count; ++i) {
-    const GemmProblem<T>& p = problems[i];
-    if (p.m > 0 && p.n > 0) work += static_cast<double>((p.n + kNr - 1) / kNr) * p.k;
-  }
-  // About kTilesPerThread units per thread: dynamic scheduling evens out a loaded machine.
-  const double unit_work = work / (static_cast<double>(kTilesPerThread) * threads);
   std::vector<ThinUnit>& units = thread_thin_units();  // the calling thread's, reused
   units.clear();
-  for (std::size_t i = 0; i < count; ++i) {
-    const GemmProblem<T>& p = problems[i];
-    if (p.m == 0 || p.n == 0) continue;
-    const int panels = (p.n + kNr - 1) / kNr;
-    const int splits =
-        threads == 1 ? 1
-                     : static_cast<int>(std::clamp<double>(
-                           std::round(panels * static_cast<double>(p.k) / std::max(unit_work, 1.0)),
-                           1.0, panels));
-    const int per_unit = (panels + splits - 1) / splits;
-    for (int q0 = 0; q0 < panels; q0 += per_unit) {
-      units.push_back(ThinUnit{static_cast<int>(i), q0, std::min(panels, q0 + per_unit)});
+  const auto add_units = [&](std::size_t begin, std::size_t end) {
+    double work = 0.0;  // panels x k of the stage's problems
+    for (std::size_t i = begin; i < end; ++i) {
+      const GemmProblem<T>& p = problems[i];
+      if (p.m > 0 && p.n > 0) work += static_cast<double>((p.n + kNr - 1) / kNr) * p.k;
     }
-  }
+    // About kTilesPerThread units per thread: dynamic scheduling evens out a loaded machine.
+    const double unit_work = work / (static_cast<double>(kTilesPerThread) * threads);
+    for (std::size_t i = begin; i < end; ++i) {
+      const GemmProblem<T>& p = problems[i];
+      if (p.m == 0 || p.n == 0) continue;
+      const int panels = (p.n + kNr - 1) / kNr;
+      const int splits =
+          threads == 1
+              ? 1
+              : static_cast<int>(std::clamp<double>(
+                    std::round(panels * static_cast<double>(p.k) / std::max(unit_work, 1.0)), 1.0,
+                    panels));
+      const int per_unit = (panels + splits - 1) / splits;
+      for (int q0 = 0; q0 < panels; q0 += per_unit) {
+        units.push_back(ThinUnit{static_cast<int>(i), q0, std::min(panels, q0 + per_unit)});
+      }
+    }
+  };
+  add_units(0, second_stage);
+  const int first_stage_units = static_cast<int>(units.size());
+  add_units(second_stage, count);
   const int unit_count = static_cast<int>(units.size());
   // As in run_tiles: every thread holds its packing buffers from the region start on (the thin
   // path packs nothing, but a later tile-path call then allocates nothing either).
   thread_pack_buffers<Kernel>();
   switchmoe::detail::LoopExceptions exceptions;
+  const auto run_unit = [&](int u) {
+    exceptions.run(u, [&] {
+      const ThinUnit unit = units[u];
+      const GemmProblem<T>& p = problems[unit.problem];
+      const PackedB<T, Isa>& b = *packed[unit.problem].b;
+      const int j0 = unit.q0 * kNr;
+      const int cols = std::min(p.n, unit.q1 * kNr) - j0;
+      for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
+        const int kc = std::min(Kernel::kKc, p.k - p0);
+        const int steps = packed_steps<Kernel>(kc);
+        const std::ptrdiff_t panel_stride =
+            static_cast<std::ptrdiff_t>(steps) * kNr * Kernel::kKPack;
+        const float beta = p0 == 0 ? p.beta : 1.0f;
+        // Chunks of kThinChunkPanels panels, each run for every row group before the next:
+        // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
+        // than being streamed from memory twice. The order of chunks and row groups changes
+        // no element's operations (each is within one run_thin call). The first row group
+        // prefetches the panels after its own into L2 (the second finds its chunk there).
+        for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
+          const int panels = std::min(kThinChunkPanels, unit.q1 - q);
+          const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
+          for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
+            Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
+                             std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
+                             panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols,
+                             thin_prefetch() && r0 == 0);
+          }
+        }
+      }
+      epilogue(unit.problem, 0, p.m, j0, cols);
+    });
+  };
+  // The first loop ends in a barrier: the second stage starts once the first stage's C and
+  // epilogue writes are complete and visible to every thread.
 #pragma omp parallel if (unit_count > 1)
   {
     exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
 #pragma omp for schedule(dynamic, 1)
-    for (int u = 0; u < unit_count; ++u) {
-      exceptions.run(u, [&] {
-        const ThinUnit unit = units[u];
-        const GemmProblem<T>& p = problems[unit.problem];
-        const PackedB<T, Isa>& b = *packed[unit.problem].b;
-        const int j0 = unit.q0 * kNr;
-        const int cols = std::min(p.n, unit.q1 * kNr) - j0;
-        for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
-          const int kc = std::min(Kernel::kKc, p.k - p0);
-          const int steps = packed_steps<Kernel>(kc);
-          const std::ptrdiff_t panel_stride =
-              static_cast<std::ptrdiff_t>(steps) * kNr * Kernel::kKPack;
-          const float beta = p0 == 0 ? p.beta : 1.0f;
-          // Chunks of kThinChunkPanels panels, each run for every row group before the next:
-          // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
-          // than being streamed from memory twice. The order of chunks and row groups changes
-          // no element's operations (each is within one run_thin call). The first row group
-          // prefetches the panels after its own into L2 (the second finds its chunk there).
-          for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
-            const int panels = std::min(kThinChunkPanels, unit.q1 - q);
-            const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
-            for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
-              Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
-                               std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
-                               panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols,
-                               thin_prefetch() && r0 == 0);
-            }
-          }
-        }
-        epilogue(unit.problem, 0, p.m, j0, cols);
-      });
-    }
+    for (int u = 0; u < first_stage_units; ++u) run_unit(u);
+#pragma omp for schedule(dynamic, 1)
+    for (int u = first_stage_units; u < unit_count; ++u) run_unit(u);
   }
   exceptions.rethrow_if_failed();
 }
@@ -344,9 +360,15 @@ std::vector<GemmProblem<T>>& thread_plain_problems() {
   return plain;
 }
 
+// Problems [second_stage, count) run after [0, second_stage) has finished, epilogues included
+// (run_thin_problems); the epilogue sees problem indices shifted by `first_index`.
 template <class T, class Isa, class Epilogue>
-void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
-                          const Epilogue& epilogue) {
+void run_packed_stages(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
+                       const Epilogue& epilogue, std::size_t second_stage,
+                       std::size_t first_index) {
+  const auto shifted = [&](int problem, int i0, int rows, int j0, int cols) {
+    epilogue(problem + static_cast<int>(first_index), i0, rows, j0, cols);
+  };
   using Kernel = detail::MicroKernel<Isa, T>;
   using Packed = typename Kernel::Packed;
   std::vector<GemmProblem<T>>& plain = thread_plain_problems<T>();
@@ -373,16 +395,22 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
   const PackedGemmProblem<T, Isa>* packed = problems;
   if constexpr (kHasThinRows<Kernel>) {
     // Sized on every call, whichever path runs, so that a thin call after the largest call
-    // allocates nothing (at most 2 units per problem plus kTilesPerThread per thread).
+    // allocates nothing (at most 2 units per problem plus kTilesPerThread per thread and stage).
     std::vector<ThinUnit>& units = thread_thin_units();
     const std::size_t most_units =
-        2 * count + static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
+        2 * count + 2 * static_cast<std::size_t>(kTilesPerThread) * omp_get_max_threads();
     if (units.capacity() < most_units) units.reserve(most_units);
     const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
     if (thin_call<Kernel>(plain.data(), plain.size(), threads)) {
-      run_thin_problems<Kernel>(plain.data(), plain.size(), packed, epilogue);
+      run_thin_problems<Kernel>(plain.data(), plain.size(), packed, shifted, second_stage);
       return;
     }
+  }
+  if (second_stage < count && second_stage > 0) {  // two stages, not both thin: one at a time
+    run_packed_stages(problems, second_stage, epilogue, second_stage, first_index);
+    run_packed_stages(problems + second_stage, count - second_stage, epilogue, count - second_stage,
+                      first_index + second_stage);
+    return;
   }
   run_problems<Kernel>(
       plain.data(), plain.size(), true,
@@ -390,7 +418,15 @@ void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t
         const PackedB<T, Isa>* b = packed[index].b;
         return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
       },
-      epilogue);
+      shifted);
+}
+
+// Runs the problems, all at once or, with second_stage < count, [0, second_stage) and then the
+// rest (see run_packed_stages).
+template <class T, class Isa, class Epilogue>
+void gemm_packed_problems(const PackedGemmProblem<T, Isa>* problems, std::size_t count,
+                          const Epilogue& epilogue, std::size_t second_stage = ~std::size_t{0}) {
+  run_packed_stages(problems, count, epilogue, std::min(second_stage, count), 0);
 }
 
 // Grows the calling thread's per-call vectors and packing buffers for calls of one problem made
