@@ -81,6 +81,44 @@ TEST(DecodeRegions, ParallelForRethrowsTheLowestIndexOnBothPaths) {
   }
 }
 
+// A packed product of one tile (20 rows, one 32-column panel) or of one thin unit (1 row on one
+// thread) runs its epilogue outside any region once the team has grown its buffers: the first
+// call at a thread count may open one (it grows the workers' buffers), every later one opens
+// none. The results are the same bits either way, and match a double-precision product.
+TEST(DecodeRegions, OneTileOrThinUnitOpensNoRegionAfterTheFirstCall) {
+  namespace k = switchmoe::kernels;
+  ThreadCount restore;
+  const Matrix<float> a = random_matrix(20, 64, 5);  // [rows, k]
+  const Matrix<float> w = random_matrix(64, 32, 6);  // [k, n]
+  const k::PackedB<float> b(w.data(), 32, k::Transpose::kNo, 64, 32);
+  for (const int rows : {20, 1}) {
+    for (const int threads : {1, 2, 3, 2}) {
+      if (rows == 1 && threads != 1) continue;  // the thin path splits columns over threads
+      omp_set_num_threads(threads);
+      Matrix<float> first, c(rows, 32);  // [rows, n]
+      for (int call = 0; call < 3; ++call) {
+        std::vector<k::PackedGemmProblem<float>> p{
+            {rows, a.data(), 64, k::Transpose::kNo, &b, c.data(), 32, 0.0f}};
+        int level = -1, epilogues = 0;
+        k::gemm_batch(p, [&](int, int, int, int, int) {
+          level = omp_get_level();
+          ++epilogues;
+        });
+        EXPECT_EQ(epilogues, 1) << rows << " rows, " << threads << " threads, call " << call;
+        if (call > 0) {
+          EXPECT_EQ(level, 0) << rows << " rows, " << threads << " threads, call " << call;
+          EXPECT_TRUE(SameBits(c, first)) << rows << " rows, call " << call;
+        } else {
+          first = c;
+        }
+      }
+      const Eigen::MatrixXd reference =
+          a.topRows(rows).cast<double>() * w.cast<double>();  // [rows, n]
+      EXPECT_LT((first.cast<double>() - reference).cwiseAbs().maxCoeff(), 1e-4) << rows << " rows";
+    }
+  }
+}
+
 // A layer's parts at few tokens against the same tokens in a large call: router logits (one
 // GEMM tile on the calling thread vs many tiles in a region), gather (rows converted to the
 // policy's element) and combine (top-2 weighted sums), each bitwise, on 1, 2 and 3 threads.

@@ -154,7 +154,9 @@ TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
         if (logits(t, e) > logits(t, want)) want = e;
       }
       EXPECT_EQ(top1(t, 0), want) << "token " << t << ", " << experts << " experts";
-      if (experts >= 2) EXPECT_EQ(top1(t, 0), top2(t, 0)) << "token " << t;
+      if (experts >= 2) {
+        EXPECT_EQ(top1(t, 0), top2(t, 0)) << "token " << t;
+      }
     }
   }
 }

@@ -987,10 +987,9 @@ class FeedForwardBank {
     // and 2-3% slower on one thread (a kernel call per product and FFN). The cause at 128
     // experts was the thin kernel path that whole FFNs gave their <= 16-row experts (no
     // prefetch; slower than the tile path at 10-16 rows on one thread): with that fixed in
-    // round 3 (packed_b.hpp)
-    // the two schedules measured equal (whole / split 0.78-1.16, median 1.01, 24 A/Bs on 1-2
-    // threads), so split tiles stay the automatic choice; whole FFNs remain selectable
-    // (forced_ffn_schedule) and tested bitwise against them.
+    // round 3 (packed_b.hpp) the two schedules measured equal (whole / split 0.78-1.16,
+    // median 1.01, 24 A/Bs on 1-2 threads), so split tiles stay the automatic choice; whole FFNs
+    // remain selectable (forced_ffn_schedule) and tested bitwise against them.
     return false;
   }
 

@@ -20,7 +20,8 @@
 //
 // Structure (BLIS style): the output of every problem is cut into tiles of up to
 // kMaxRowBlocksPerTile x kMc rows by kNc columns; one OpenMP `parallel for schedule(dynamic)`
-// runs over the tiles of all problems (the only OpenMP level of the library). A tile walks k in
+// runs over the tiles of all problems (the only OpenMP level of the library; a call of a single
+// tile runs on the calling thread without a region, see run_tiles). A tile walks k in
 // blocks of kKc in increasing order; per k block it packs its B block once (or takes it from a
 // PackedB, packed_b.hpp), then for each kMc-row block packs A and runs the kMr x kNr
 // micro-kernel over the block. Packing buffers are per thread and reused (workspace.hpp). A
@@ -256,10 +257,11 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
         for (int ir = 0; ir < mc; ir += Kernel::kMr) {
           float* cij = p.c + static_cast<std::ptrdiff_t>(i0 + ic + ir) * p.ldc + (j0 + jr);
-          if (ir + Kernel::kMr < mc)
+          if (ir + Kernel::kMr < mc) {
             prefetch_rows(cij + Kernel::kMr * p.ldc, p.ldc,
                           std::min(Kernel::kMr, mc - ir - Kernel::kMr),
                           std::min(Kernel::kNr, nc - jr));
+          }
           Kernel::run(steps, a_pack + (ir / Kernel::kMr) * a_panel, bj, cij, p.ldc, beta,
                       std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr),
                       ir == 0 ? bj + b_panel : nullptr);
@@ -392,7 +394,9 @@ std::pair<typename Kernel::Packed*, typename Kernel::Packed*> thread_pack_buffer
 // The largest team whose threads have all grown their packing buffers in run_tiles, for
 // regions opened by the calling thread (OpenMP keeps a thread's pool of workers between its
 // regions).
-inline int& reserved_team_size() {
+// One record per kernel, since the buffers' sizes depend on the kernel.
+template <class Kernel>
+int& reserved_team_size() {
   thread_local int size = 0;
   return size;
 }
@@ -412,35 +416,41 @@ void run_tiles(const GemmProblem<T>* problems, const std::vector<Tile>& tiles,
   // index below every tile.
   thread_pack_buffers<Kernel>();
   switchmoe::detail::LoopExceptions exceptions;
-  // One tile (the router's product at a few tokens) runs on the calling thread: a region would
-  // only add a fork and a barrier (issue 15). A tile's operations do not depend on the thread
-  // that runs it, so this never changes a result. It opens the region anyway until a team of
-  // this size has grown its buffers (reserved_team_size), for the reason above.
+  const auto run_tile = [&](int t) {
+    exceptions.run(t, [&] {
+      const Tile tile = tiles[t];
+      const GemmProblem<T>& p = problems[tile.problem];
+      if (p.k == 0) {
+        scale_output(p.c, p.ldc, p.m, p.n, p.beta);
+        epilogue(tile.problem, 0, p.m, 0, p.n);
+        return;
+      }
+      const auto [a_pack, b_scratch] = thread_pack_buffers<Kernel>();
+      compute_tile<Kernel>(
+          p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack, b_panels_for(tile.problem, b_scratch),
+          [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
+    });
+  };
+  // One tile (the router's product at a few tokens) runs on the calling thread without opening
+  // a region, not even a one-thread one: a region would only add a fork and a barrier (issue
+  // 15). A tile's operations do not depend on the thread that runs it, so this never changes a
+  // result. The region is opened anyway until a team of this size has grown its buffers
+  // (reserved_team_size), for the reason above.
   const int team = omp_in_parallel() ? 1 : omp_get_max_threads();
-  int& reserved = reserved_team_size();
-  int ran = 0;  // the size of the team that ran the region (0: no region)
-#pragma omp parallel if (count > 1 || team > reserved)
+  int& reserved = reserved_team_size<Kernel>();
+  if (count == 1 && team <= reserved) {
+    run_tile(0);
+    exceptions.rethrow_if_failed();
+    return;
+  }
+  int ran = 0;  // the size of the team that ran the region
+#pragma omp parallel
   {
     exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
 #pragma omp master
     ran = omp_get_num_threads();
 #pragma omp for schedule(dynamic, 1)
-    for (int t = 0; t < count; ++t) {
-      exceptions.run(t, [&] {
-        const Tile tile = tiles[t];
-        const GemmProblem<T>& p = problems[tile.problem];
-        if (p.k == 0) {
-          scale_output(p.c, p.ldc, p.m, p.n, p.beta);
-          epilogue(tile.problem, 0, p.m, 0, p.n);
-          return;
-        }
-        const auto [a_pack, b_scratch] = thread_pack_buffers<Kernel>();
-        compute_tile<Kernel>(
-            p, tile.i0, tile.rows, tile.j0, tile.cols, a_pack,
-            b_panels_for(tile.problem, b_scratch),
-            [&](int i, int rows, int j0, int cols) { epilogue(tile.problem, i, rows, j0, cols); });
-      });
-    }
+    for (int t = 0; t < count; ++t) run_tile(t);
   }
   exceptions.rethrow_if_failed();
   reserved = std::max(reserved, ran);

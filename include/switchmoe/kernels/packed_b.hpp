@@ -8,17 +8,12 @@
 // same k order; it only skips packing B inside every call.
 
 #include <omp.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
-#include <cstdlib>
-#include <memory>
-#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -31,49 +26,13 @@ namespace switchmoe::kernels {
 
 namespace detail {
 
-// Whether PackedStorage advises huge pages. A hook for same-process A/B benchmarks (RESULTS_
-// issue15.md, round 3): it applies to buffers grown after it is set; never changes a result.
-inline bool& packed_huge_pages() {
-  static bool on = true;
+// Whether PackedB asks for huge pages (AlignedBuffer::reserve). A switch for same-process A/B
+// benchmarks (RESULTS_issue15.md, round 3): it applies to buffers grown after it is set; it
+// never changes a result.
+inline std::atomic<bool>& packed_huge_pages() {
+  static std::atomic<bool> on{true};
   return on;
 }
-
-// The grow-only storage of packed weights. Buffers of at least kHugePageBytes are aligned to
-// and rounded up to whole 2 MB pages and advised as transparent huge pages (Linux
-// MADV_HUGEPAGE; elsewhere, or when the kernel declines, plain pages): expert weights are
-// streamed from memory at every call, and on 4 KB pages every 4 KB of a stream costs a TLB
-// miss (a 4 MB expert spans 1024 pages, more than the L2 TLB holds across 128 experts). The
-// memory cost is at most one partly used 2 MB page per buffer of >= 2 MB.
-class PackedStorage {
- public:
-  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
-
-  // At least `bytes` bytes, 64-byte aligned; contents are unspecified after growth. Throws
-  // std::bad_alloc (the object is then unchanged).
-  void* reserve(std::size_t bytes) {
-    if (bytes > capacity_) {
-      Eigen::internal::check_that_malloc_is_allowed();  // visible to EIGEN_RUNTIME_NO_MALLOC
-      const bool huge = bytes >= kHugePageBytes && packed_huge_pages();
-      const std::size_t align = huge ? kHugePageBytes : kCacheLine;
-      const std::size_t rounded = (bytes + align - 1) / align * align;
-      void* p = std::aligned_alloc(align, rounded);
-      if (p == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-      if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure leaves plain pages
-#endif
-      data_.reset(p);
-      capacity_ = rounded;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<void, Free> data_;
-  std::size_t capacity_ = 0;
-};
 
 }  // namespace detail
 
@@ -110,7 +69,8 @@ class PackedB {
     const std::size_t bytes =
         static_cast<std::size_t>(blocks) * block_stride(panels) * sizeof(Packed);
     // Grown before the parallel region, and before any member changes.
-    data_ = static_cast<Packed*>(storage_.reserve(std::max<std::size_t>(bytes, 1)));
+    data_ = static_cast<Packed*>(
+        storage_.reserve(std::max<std::size_t>(bytes, 1), detail::packed_huge_pages()));
     k_ = k;
     n_ = n;
     panels_ = panels;
@@ -180,7 +140,7 @@ class PackedB {
 
   int k_ = 0, n_ = 0, panels_ = 0;
   Packed* data_ = nullptr;
-  detail::PackedStorage storage_;
+  detail::AlignedBuffer storage_;
 };
 
 // C = op(A) * B + beta * C with a pre-packed B: op(A) is [m, b->k()], C is [m, b->n()].
@@ -246,8 +206,8 @@ inline constexpr int kThinChunkPanels = 8;
 // Whether the thin schedule's first row group prefetches the next weight panels (run_thin).
 // A hook for same-process A/B benchmarks (RESULTS_issue15.md, round 3): set it only between
 // calls; it changes the speed, never a result.
-inline bool& thin_prefetch() {
-  static bool on = true;
+inline std::atomic<bool>& thin_prefetch() {
+  static std::atomic<bool> on{true};
   return on;
 }
 
@@ -333,16 +293,21 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
             Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
                              std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
                              panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols,
-                             thin_prefetch() && r0 == 0);
+                             r0 == 0 && thin_prefetch().load(std::memory_order_relaxed));
           }
         }
       }
       epilogue(unit.problem, 0, p.m, j0, cols);
     });
   };
+  if (unit_count <= 1) {  // one unit (one thread's call): no region, not even a one-thread one
+    for (int u = 0; u < unit_count; ++u) run_unit(u);
+    exceptions.rethrow_if_failed();
+    return;
+  }
   // The first loop ends in a barrier: the second stage starts once the first stage's C and
   // epilogue writes are complete and visible to every thread.
-#pragma omp parallel if (unit_count > 1)
+#pragma omp parallel
   {
     exceptions.run(-1, [] { thread_pack_buffers<Kernel>(); });
 #pragma omp for schedule(dynamic, 1)

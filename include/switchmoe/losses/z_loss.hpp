@@ -18,6 +18,9 @@ namespace detail {
 /// about 2 ulp of the exact value. x is clamped at -708 (exp(-708) ~ 3e-308, still normal):
 /// the terms that clamping raises are below 1e-300, and they are only ever added to a sum of
 /// at least 1 (the largest term of a log-sum-exp is exp(0)), where they do not show.
+///
+/// Domain: finite x <= 0 (logsumexp passes only those). Outside it the result is defined but
+/// meaningless: x > 0 (and +NaN) are taken as 0, -inf and -NaN as -708.
 inline double exp_nonpositive(double x) {
   constexpr double kLog2e = 1.4426950408889634;
   constexpr double kLn2Hi = 0.693147180369123816490;  // ln2 split: n * kLn2Hi is exact
@@ -29,7 +32,8 @@ inline double exp_nonpositive(double x) {
   constexpr double kFloor = -708.0;
   std::memcpy(&x_bits, &x, sizeof(x));
   std::memcpy(&floor_bits, &kFloor, sizeof(kFloor));
-  x_bits = std::min(x_bits, floor_bits);
+  constexpr std::uint64_t kSignBit = std::uint64_t{1} << 63;
+  x_bits = x_bits < kSignBit ? 0 : std::min(x_bits, floor_bits);
   std::memcpy(&x, &x_bits, sizeof(x));
   // n = round(x log2 e) for x <= 0 (truncation of y - 0.5 toward zero; ties away from zero)
   const auto n_int = static_cast<std::int64_t>(x * kLog2e - 0.5);
@@ -58,18 +62,28 @@ inline double exp_nonpositive(double x) {
 }
 
 /// log(sum_e exp(row(e))) in double: the max, then the exps of the differences (in chunks a
-/// compiler vectorizes), summed in column order.
+/// compiler vectorizes), summed in column order. A row with a non-finite value (the public
+/// entries reject those before, with check_finite) takes std::exp, as exp_nonpositive's domain
+/// is finite values: NaN and infinities then give what they always gave.
 template <class Row>
 double logsumexp(const Row& row) {
   const double max = static_cast<double>(row.maxCoeff());
   constexpr Eigen::Index kChunk = 64;
   double terms[kChunk];
   double sum = 0.0;
+  double finite = 0.0;  // 0 * every difference: NaN once any of them is NaN or infinite
   for (Eigen::Index e0 = 0; e0 < row.size(); e0 += kChunk) {
     const Eigen::Index n = std::min(kChunk, row.size() - e0);
     for (Eigen::Index i = 0; i < n; ++i) terms[i] = static_cast<double>(row(e0 + i)) - max;
+    for (Eigen::Index i = 0; i < n; ++i) finite += 0.0 * terms[i];
     for (Eigen::Index i = 0; i < n; ++i) terms[i] = exp_nonpositive(terms[i]);
     for (Eigen::Index i = 0; i < n; ++i) sum += terms[i];
+  }
+  if (finite != 0.0) {  // NaN: a non-finite value somewhere in the row
+    sum = 0.0;
+    for (Eigen::Index e = 0; e < row.size(); ++e) {
+      sum += std::exp(static_cast<double>(row(e)) - max);
+    }
   }
   return max + std::log(sum);
 }
