@@ -937,15 +937,10 @@ class FeedForwardBank {
   /// (of FFN e's block of `part`), columns [j0, j0 + cols), once its product is complete.
   template <class Finish>
   void run_packed(const Finish& finish) {
-    if (packed_problems_.empty()) return;
     if constexpr (std::is_same_v<Finish, NoFinish>) {
-      kernels::gemm_batch(packed_problems_);
+      if (!packed_problems_.empty()) kernels::gemm_batch(packed_problems_);
     } else {
-      kernels::gemm_batch(packed_problems_, [&](int problem, int i0, int rows, int j0, int cols) {
-        const BlockOwner owner = block_owner_[problem];
-        const int first = (*owner.part->offsets)[owner.ffn];
-        for (int i = i0; i < i0 + rows; ++i) finish(*owner.part, owner.ffn, first + i, j0, cols);
-      });
+      run_packed(finish, finish, packed_problems_.size());
     }
   }
 
@@ -955,17 +950,19 @@ class FeedForwardBank {
   void run_packed(const FinishFirst& finish_first, const FinishSecond& finish_second,
                   std::size_t second_stage) {
     if (packed_problems_.empty()) return;
+    const auto finish_rows = [&](const auto& finish, const BlockOwner owner, int i0, int rows,
+                                 int j0, int cols) {
+      const int first = (*owner.part->offsets)[owner.ffn];
+      for (int i = i0; i < i0 + rows; ++i) finish(*owner.part, owner.ffn, first + i, j0, cols);
+    };
     kernels::detail::gemm_packed_problems(
         packed_problems_.data(), packed_problems_.size(),
         [&](int problem, int i0, int rows, int j0, int cols) {
           const BlockOwner owner = block_owner_[problem];
-          const int first = (*owner.part->offsets)[owner.ffn];
-          for (int i = i0; i < i0 + rows; ++i) {
-            if (static_cast<std::size_t>(problem) < second_stage) {
-              finish_first(*owner.part, owner.ffn, first + i, j0, cols);
-            } else {
-              finish_second(*owner.part, owner.ffn, first + i, j0, cols);
-            }
+          if (static_cast<std::size_t>(problem) < second_stage) {
+            finish_rows(finish_first, owner, i0, rows, j0, cols);
+          } else {
+            finish_rows(finish_second, owner, i0, rows, j0, cols);
           }
         },
         second_stage);
