@@ -13,6 +13,8 @@
 #include <new>
 #include <random>
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "switchmoe/core/parallel.hpp"
@@ -45,16 +47,19 @@ class ThreadCount {
   int saved_;
 };
 
-// Five packed problems (one with k == 0), large enough for many tiles per problem.
+// Packed problems of kN columns; by default five (one with k == 0), large enough for many tiles
+// per problem.
 struct Batch {
   static constexpr int kN = 530;
-  std::vector<int> rows = {300, 60, 200, 15, 143};
-  std::vector<int> ks = {70, 40, 33, 0, 90};
+  std::vector<int> rows;
+  std::vector<int> ks;
   std::vector<std::vector<float>> a, b, c;
   std::vector<PackedB<float>> packed;
   std::vector<PackedGemmProblem<float>> problems;
 
-  Batch() {
+  explicit Batch(std::vector<int> problem_rows = {300, 60, 200, 15, 143},
+                 std::vector<int> problem_ks = {70, 40, 33, 0, 90})
+      : rows(std::move(problem_rows)), ks(std::move(problem_ks)) {
     std::mt19937 rng(3);
     std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
     packed.resize(rows.size());
@@ -114,6 +119,71 @@ TEST(KernelExceptions, ThrowingEpilogueReachesTheCallerLowestProblemFirst) {
         ASSERT_EQ(0, std::memcmp(expected[e].data(), batch.c[e].data(),
                                  expected[e].size() * sizeof(float)))
             << "problem " << e << " after an exception, " << threads << " threads";
+      }
+    }
+  }
+}
+
+// A batch of two stages (the experts' up and down products, packed_b.hpp): an exception from
+// the first stage reaches the caller as the lowest throwing problem's, and no epilogue of the
+// second stage runs after it; an exception from the second stage only comes after every block
+// of the first stage and its epilogue. Both on the thin path (at most 8 rows, one region for the
+// two stages) and on the tile path (one call per stage), with 1, 2 and 3 threads; a later call
+// gives the usual bits.
+TEST(KernelExceptions, TwoStageBatchStopsAtTheFirstStagesException) {
+  const std::vector<std::vector<int>> shapes = {{3, 8, 1, 5, 2}, {300, 60, 200, 15, 143}};
+  const std::vector<int> ks = {70, 40, 33, 64, 90};
+  constexpr std::size_t kSecondStage = 3;  // problems 3 and 4 are the second stage
+  for (const std::vector<int>& rows : shapes) {
+    Batch batch(rows, ks);
+    const auto run = [&](const auto& epilogue) {
+      kernels::detail::gemm_packed_problems(batch.problems.data(), batch.problems.size(), epilogue,
+                                            kSecondStage);
+    };
+    run([](int, int, int, int, int) {});
+    const std::vector<std::vector<float>> expected = batch.c;
+    const std::vector<std::vector<int>> first_stage_cases = {{2}, {1, 2}, {0, 4}, {0, 1, 2, 3, 4}};
+    const std::vector<std::vector<int>> second_stage_cases = {{4}, {3, 4}};
+    for (int threads : {1, 2, 3}) {
+      ThreadCount count(threads);
+      const auto where = [&] {
+        return std::to_string(rows[0]) + " rows, " + std::to_string(threads) + " threads";
+      };
+      for (const auto* cases : {&first_stage_cases, &second_stage_cases}) {
+        for (const std::vector<int>& throwing : *cases) {
+          const int first = *std::min_element(throwing.begin(), throwing.end());
+          // Elements of each problem whose epilogue ran.
+          std::vector<std::atomic<long long>> covered(batch.problems.size());
+          try {
+            run([&](int problem, int, int block_rows, int, int block_cols) {
+              if (std::find(throwing.begin(), throwing.end(), problem) != throwing.end()) {
+                throw EpilogueError(problem, 0);
+              }
+              covered[problem] += static_cast<long long>(block_rows) * block_cols;
+            });
+            ADD_FAILURE() << "no exception, " << where();
+          } catch (const EpilogueError& e) {
+            EXPECT_EQ(e.problem, first) << where();
+          }
+          if (first < static_cast<int>(kSecondStage)) {
+            for (std::size_t e = kSecondStage; e < covered.size(); ++e) {
+              EXPECT_EQ(covered[e].load(), 0) << "problem " << e << " ran after the first "
+                                              << "stage threw, " << where();
+            }
+          } else {
+            for (std::size_t e = 0; e < kSecondStage; ++e) {
+              EXPECT_EQ(covered[e].load(), static_cast<long long>(rows[e]) * Batch::kN)
+                  << "first-stage problem " << e << " before a second-stage exception, " << where();
+            }
+          }
+          for (auto& c : batch.c) std::fill(c.begin(), c.end(), -1.0f);
+          run([](int, int, int, int, int) {});
+          for (std::size_t e = 0; e < expected.size(); ++e) {
+            ASSERT_EQ(0, std::memcmp(expected[e].data(), batch.c[e].data(),
+                                     expected[e].size() * sizeof(float)))
+                << "problem " << e << " after an exception, " << where();
+          }
+        }
       }
     }
   }
