@@ -749,16 +749,17 @@ int main(int argc, char** argv) {
       const Result& r = results[i];
       std::fprintf(
           f,
-          "  {\"precision\": \"%s\", \"variant\": \"%s\", \"tokens\": %d, \"experts\": "
+          "  {\"precision\": \"%s\", \"variant\": \"%s\", \"threads\": %d, \"tokens\": %d, "
+          "\"experts\": "
           "%d, \"d_model\": %d, \"d_ff\": %d, \"reps\": %d, \"cold\": %s, "
           "\"switchmoe_s\": %.6g, \"onednn_s\": %.6g, \"ratio\": %.4f, \"bytes\": %.6g, "
           "\"read_bandwidth\": %.6g, \"switchmoe_bw_fraction\": %.4f, "
           "\"onednn_bw_fraction\": %.4f, \"switchmoe_warm_s\": %.6g, \"onednn_warm_s\": %.6g, "
           "\"max_abs_diff\": %.3g}%s\n",
-          r.precision.c_str(), r.variant.c_str(), r.tokens, r.experts, r.d_model, r.d_ff, r.reps,
-          r.cold ? "true" : "false", r.switch_s, r.onednn_s, r.ratio, r.bytes, r.bandwidth,
-          r.switch_bw, r.onednn_bw, r.switch_warm_s, r.onednn_warm_s, r.max_diff,
-          i + 1 < results.size() ? "," : "");
+          r.precision.c_str(), r.variant.c_str(), omp_get_max_threads(), r.tokens, r.experts,
+          r.d_model, r.d_ff, r.reps, r.cold ? "true" : "false", r.switch_s, r.onednn_s, r.ratio,
+          r.bytes, r.bandwidth, r.switch_bw, r.onednn_bw, r.switch_warm_s, r.onednn_warm_s,
+          r.max_diff, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "]\n");
     std::fclose(f);
