@@ -3,6 +3,8 @@
 //   bitwise the plain GEMM form, and near a double-precision reference;
 // - the vectorizable exp of the z-loss's log-sum-exp: within 2 ulp of std::exp, exp(0) == 1,
 //   and the log-sum-exp near a long double reference;
+// - (round 4) the load-balancing loss's reciprocal for power-of-two groups: bitwise the
+//   division per term, for power-of-two and other group sizes;
 // - the top-1 choice: the first column of the general top-k, ties to the lower index.
 #include <gtest/gtest.h>
 #include <omp.h>
@@ -11,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <vector>
 
 #include "switchmoe/kernels/gemm.hpp"
 #include "switchmoe/losses/z_loss.hpp"
@@ -105,6 +108,9 @@ TEST(ZLossExp, WithinTwoUlpOfStdExp) {
   using switchmoe::detail::exp_nonpositive;
   EXPECT_EQ(exp_nonpositive(0.0), 1.0);
   EXPECT_EQ(exp_nonpositive(-0.0), 1.0);
+  // Outside the domain, as documented: x > 0 and +inf are taken as 0 (the clamp's mask).
+  EXPECT_EQ(exp_nonpositive(3.0), 1.0);
+  EXPECT_EQ(exp_nonpositive(std::numeric_limits<double>::infinity()), 1.0);
   std::mt19937_64 rng(3);
   double worst = 0.0;
   for (int i = 0; i < 200000; ++i) {
@@ -137,6 +143,46 @@ TEST(ZLossExp, LogSumExpNearLongDouble) {
 
 // k = 1 on logits with many ties: the first column of the general top-2 (the loop the k = 1
 // path replaces), and the lowest index among the row's maxima.
+// aux = sum over groups, tokens and experts, in that order, of f-weight * p / g: the loss must
+// give these bits whether it divides (any g) or multiplies by the exact 1 / g (power-of-two g).
+// Many small cases, so that a last-bit difference of a term is not lost in a large sum.
+TEST(LoadBalancingLoss, BitwiseTheDivisionPerTerm) {
+  std::mt19937 rng(9);
+  int cases = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    for (int g : {1, 2, 3, 4, 6, 7, 8, 12, 16, 64}) {
+      const int experts = 2 + trial % 3, tokens = g * (1 + trial % 2);
+      Matrix<float> logits = random_matrix(tokens, experts, rng) * 3.0f;
+      Matrix<float> probs;
+      switchmoe::detail::softmax(logits, probs);
+      Matrix<int> expert;
+      switchmoe::detail::top_k_experts(logits, 1 + trial % 2, expert);
+      double want = 0.0;
+      for (int first = 0; first < tokens; first += g) {
+        std::vector<double> weight(static_cast<std::size_t>(experts), 0.0);
+        for (int t = first; t < first + g; ++t) {
+          for (int c = 0; c < expert.cols(); ++c) weight[expert(t, c)] += 1.0;
+        }
+        const double groups = tokens / g;
+        for (double& w : weight) {
+          w *= static_cast<double>(experts) / (static_cast<double>(g) * groups);
+        }
+        for (int t = first; t < first + g; ++t) {
+          for (int e = 0; e < experts; ++e) {
+            want += weight[e] * static_cast<double>(probs(t, e)) / g;
+          }
+        }
+      }
+      std::vector<double> scratch;
+      const double got = switchmoe::detail::load_balancing_loss_double(probs, expert, g, scratch);
+      ASSERT_EQ(std::memcmp(&got, &want, sizeof(double)), 0)
+          << "trial " << trial << ", groups of " << g << ": " << got << " vs " << want;
+      ++cases;
+    }
+  }
+  EXPECT_EQ(cases, 4000);
+}
+
 TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
   std::mt19937 rng(9);
   std::uniform_int_distribution<int> level(0, 3);

@@ -26,6 +26,18 @@ inline void round_to_bf16(Matrix<float>& m) {
     m.data()[i] = static_cast<float>(Eigen::bfloat16(m.data()[i]));
 }
 
+/// Whether RouterT declares `static constexpr bool kLogitsShowNonFiniteInput = true`: every
+/// logit of a token with a non-finite input element is non-finite. A layer may then leave the
+/// finiteness check of its input to the check of the logits (SwitchLayer::forward).
+template <class RouterT, class = void>
+struct logits_show_non_finite_input : std::false_type {};
+template <class RouterT>
+struct logits_show_non_finite_input<RouterT,
+                                    std::void_t<decltype(RouterT::kLogitsShowNonFiniteInput)>>
+    : std::bool_constant<RouterT::kLogitsShowNonFiniteInput> {};
+template <class RouterT>
+inline constexpr bool logits_show_non_finite_input_v = logits_show_non_finite_input<RouterT>::value;
+
 }  // namespace detail
 
 struct RouterConfig {
@@ -52,6 +64,11 @@ class Router {
  public:
   using PolicyType = Policy;
   using IsaType = Isa;
+  // logit(t, e) = sum_j x(t, j) noise(t, j) W(j, e) (+ b(e)): with x(t, j) infinite or NaN, the
+  // term of j is infinite or NaN whatever W(j, e) (inf * 0 is NaN; noise is in [1 - eps,
+  // 1 + eps]), and so is the sum; bfloat16 rounding keeps both (see
+  // detail::logits_show_non_finite_input).
+  static constexpr bool kLogitsShowNonFiniteInput = true;
 
   explicit Router(const RouterConfig& config) : config_(config) {
     if (config.d_model < 1)
