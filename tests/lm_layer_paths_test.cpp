@@ -3,18 +3,24 @@
 //   bitwise the plain GEMM form, and near a double-precision reference;
 // - the vectorizable exp of the z-loss's log-sum-exp: within 2 ulp of std::exp, exp(0) == 1,
 //   and the log-sum-exp near a long double reference;
+// - (round 4) the vectorized float -> bf16 conversion of the gather: bitwise Eigen's, denormals,
+//   infinities and NaNs included; and the gather of bf16 rows bitwise Eigen's cast;
 // - (round 4) the load-balancing loss's reciprocal for power-of-two groups: bitwise the
 //   division per term, for power-of-two and other group sizes;
 // - the top-1 choice: the first column of the general top-k, ties to the lower index.
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "switchmoe/dispatch/dispatch_plan.hpp"
+#include "switchmoe/kernels/convert.hpp"
 #include "switchmoe/kernels/gemm.hpp"
 #include "switchmoe/losses/z_loss.hpp"
 #include "switchmoe/routing/route.hpp"
@@ -181,6 +187,60 @@ TEST(LoadBalancingLoss, BitwiseTheDivisionPerTerm) {
     }
   }
   EXPECT_EQ(cases, 4000);
+}
+
+TEST(ExactBf16Conversion, BitwiseEigensRounding) {
+  // Every upper half (sign, exponent, 7 mantissa bits: zeros, denormals, infinities, NaNs) with
+  // lower halves at and around the rounding boundary, and random ones.
+  std::mt19937 rng(4);
+  std::vector<float> src;
+  for (std::uint32_t high = 0; high < 0x10000u; ++high) {
+    for (std::uint32_t low : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu,
+                              static_cast<std::uint32_t>(rng() & 0xFFFFu)}) {
+      const std::uint32_t u = high << 16 | low;
+      float f = 0.0f;
+      std::memcpy(&f, &u, sizeof(f));
+      src.push_back(f);
+    }
+  }
+  std::vector<Eigen::bfloat16> got(src.size());
+  // Row segments of odd lengths, so the vectorized loop's tails run too.
+  for (std::size_t j = 0; j < src.size();) {
+    const int n = static_cast<int>(std::min<std::size_t>(src.size() - j, 1 + j % 37));
+    switchmoe::kernels::convert_row_exact(src.data() + j, got.data() + j, n);
+    j += static_cast<std::size_t>(n);
+  }
+  for (std::size_t j = 0; j < src.size(); ++j) {
+    const Eigen::bfloat16 want(src[j]);
+    ASSERT_EQ(Eigen::numext::bit_cast<std::uint16_t>(got[j]),
+              Eigen::numext::bit_cast<std::uint16_t>(want))
+        << "float bits " << std::hex << Eigen::numext::bit_cast<std::uint32_t>(src[j]);
+  }
+}
+
+TEST(ExactBf16Conversion, GatherOfBf16RowsIsEigensCast) {
+  std::mt19937 rng(6);
+  Matrix<float> x = random_matrix(40, 19, rng);
+  x(3, 4) = 1e-40f;  // a denormal, which vcvtneps2bf16 would flush
+  switchmoe::Routing routing;
+  switchmoe::RoutingOptions options;
+  options.num_experts = 3;
+  options.top_k = 2;
+  switchmoe::route(random_matrix(40, 3, rng), options, Mode::kTrain, routing);
+  const switchmoe::DispatchPlan plan = switchmoe::make_dispatch_plan(routing, 3);
+  Matrix<Eigen::bfloat16> xg(plan.num_rows(), 19);
+  switchmoe::gather<Eigen::bfloat16>(x, plan, Eigen::Ref<Matrix<Eigen::bfloat16>>(xg));
+  int denormal_rows = 0;
+  for (Eigen::Index r = 0; r < xg.rows(); ++r) {
+    const int t = plan.token[r];
+    denormal_rows += t == 3;
+    for (Eigen::Index c = 0; c < 19; ++c) {
+      ASSERT_EQ(Eigen::numext::bit_cast<std::uint16_t>(xg(r, c)),
+                Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(x(t, c))))
+          << r << ", " << c;
+    }
+  }
+  EXPECT_GT(denormal_rows, 0);
 }
 
 TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
