@@ -3,6 +3,10 @@
 //   bitwise the plain GEMM form, and near a double-precision reference;
 // - the vectorizable exp of the z-loss's log-sum-exp: within 2 ulp of std::exp, exp(0) == 1,
 //   and the log-sum-exp near a long double reference;
+// - (round 4) the router's packed weight (the plain-form logits, e.g. decode, after
+//   sync_weights()): never stale after a write through weight() or parameters(), in the layer
+//   too;
+//   the bits against the plain GEMM are NarrowRouterProducts' (its plain-form cases);
 // - (round 4) the vectorized float -> bf16 conversion of the gather: bitwise Eigen's, denormals,
 //   infinities and NaNs included; and the gather of bf16 rows bitwise Eigen's cast;
 // - (round 4) the load-balancing loss's reciprocal for power-of-two groups: bitwise the
@@ -22,6 +26,7 @@
 #include "switchmoe/dispatch/dispatch_plan.hpp"
 #include "switchmoe/kernels/convert.hpp"
 #include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/layers/switch_layer.hpp"
 #include "switchmoe/losses/z_loss.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
@@ -187,6 +192,72 @@ TEST(LoadBalancingLoss, BitwiseTheDivisionPerTerm) {
     }
   }
   EXPECT_EQ(cases, 4000);
+}
+
+// The logits after each way of changing the router weight, against a router built with the
+// new weight from the start (bitwise: the same product of the same operands).
+TEST(RouterPackedWeight, RefreshedAfterEveryChange) {
+  std::mt19937 rng(12);
+  for (int tokens : {1, 7, 100}) {  // plain form below 32 tokens (8 experts); 40 experts: always
+    for (int experts : {8, 40}) {
+      RouterConfig config;
+      config.d_model = 24;
+      config.num_experts = experts;
+      config.jitter_eps = 0.0f;
+      config.seed = 3;
+      Router<Fp32> router(config);
+      const Matrix<float> x = random_matrix(tokens, 24, rng);
+      auto expect_logits_of = [&](const Matrix<float>& w, const char* when) {
+        Router<Fp32> fresh(config);
+        fresh.weight() = w;
+        Matrix<float> got, want;
+        router.forward(x, Mode::kEval, got);
+        fresh.forward(x, Mode::kEval, want);
+        EXPECT_TRUE(same_bits(got, want)) << when << ", " << tokens << " tokens, " << experts;
+      };
+      const Router<Fp32>& view = router;
+      expect_logits_of(view.weight(), "first call");
+      // Through weight(): the reference stays writable, so every later forward repacks.
+      Matrix<float>& w = router.weight();
+      w(3, 1) += 1.0f;
+      expect_logits_of(view.weight(), "after a write through weight()");
+      w(5, 0) -= 2.0f;
+      expect_logits_of(view.weight(), "after a second write through the same reference");
+      // After sync_weights(): packed once, then reused; a new weight() access repacks.
+      router.sync_weights();
+      expect_logits_of(view.weight(), "after sync_weights");
+      expect_logits_of(view.weight(), "again after sync_weights");
+      router.weight()(0, 2) = 0.5f;
+      expect_logits_of(view.weight(), "after weight() following sync_weights");
+      // Through parameters(), as an optimizer writes.
+      router.sync_weights();
+      Matrix<float> ignored;
+      router.forward(x, Mode::kEval, ignored);
+      std::vector<switchmoe::ParameterRef> params;
+      router.append_parameters("router.", params);
+      params[0].value->array() *= 0.5f;
+      expect_logits_of(view.weight(), "after a write through parameters()");
+      router.sync_weights();  // the copy packed before the write must not come back
+      expect_logits_of(view.weight(), "after sync_weights following the write");
+    }
+  }
+  // The layer: sync_weights() reaches the router; router_weight() exposes it again.
+  switchmoe::SwitchConfig lc;
+  lc.d_model = 16;
+  lc.d_ff = 8;
+  lc.routing.num_experts = 40;
+  lc.routing.dropless = true;
+  lc.seed = 2;
+  switchmoe::SwitchLayer<> layer(lc), fresh(lc);
+  layer.sync_weights();
+  const Matrix<float> x = random_matrix(3, 16, rng);
+  EXPECT_TRUE(same_bits(layer.forward(x, Mode::kEval).y, fresh.forward(x, Mode::kEval).y));
+  layer.router_weight()(1, 7) = 3.0f;
+  fresh.router_weight()(1, 7) = 3.0f;
+  const switchmoe::SwitchOutput a = layer.forward(x, Mode::kEval);
+  const switchmoe::SwitchOutput b = fresh.forward(x, Mode::kEval);
+  EXPECT_TRUE(same_bits(a.routing.logits, b.routing.logits));
+  EXPECT_TRUE(same_bits(a.y, b.y));
 }
 
 TEST(ExactBf16Conversion, BitwiseEigensRounding) {

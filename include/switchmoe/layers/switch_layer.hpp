@@ -177,8 +177,12 @@ class SwitchLayer {
   }
 
   /// See FeedForwardBank::sync_weights: call after the last edit of the weights when only
-  /// forward calls follow, so bf16 compute copies are not rebuilt at every call.
-  void sync_weights() { experts_.sync_weights(); }
+  /// forward calls follow, so the experts' compute copies (and the router's packed weight, for
+  /// a router that keeps one) are not rebuilt at every call.
+  void sync_weights() {
+    sync_router_weights(router_, 0);
+    experts_.sync_weights();
+  }
 
   /// Routes x [tokens, d_model] and applies the experts. Mode::kTrain uses the training capacity
   /// factor, jitter and expert dropout, and keeps what backward needs.
@@ -382,6 +386,13 @@ class SwitchLayer {
     experts_.check_parameter_shapes();
     shared_gate_.check_parameter_shapes(config_.d_model);
   }
+
+  template <class R>
+  static auto sync_router_weights(R& router, int) -> decltype(router.sync_weights(), void()) {
+    router.sync_weights();
+  }
+  template <class R>
+  static void sync_router_weights(R&, long) {}  // a router without packed weights
 
   SharedExpertGate& gate_part(const char* name) {
     if (!shared_gate_.learned()) {
