@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "support/expect_throw.hpp"
@@ -203,6 +204,54 @@ TEST(BadInputDenseFFN, RejectsBadInputAndStaleState) {
   EXPECT_THROW_WITH(dense.forward(x, Mode::kEval), std::invalid_argument,
                     "w_out has shape [3, 3], expected [8, 4]");
   EXPECT_THROW_WITH(dense.forward(x, static_cast<Mode>(-1)), std::invalid_argument, "mode is -1");
+}
+
+// The layer does not scan x before routing (the router promises that a non-finite x makes its
+// token's logits non-finite, and the logits are checked): the error must still name x, with the
+// first bad element in row-major order, whatever the mode, jitter, router weights (zero
+// weights: inf * 0), capacity (the token dropped) or precision; it must still come before a
+// resized parameter's error; and the failed call draws no jitter.
+template <class Policy>
+void non_finite_input_is_named() {
+  for (const float bad : {kNaN, kInf, -kInf}) {
+    for (const Mode mode : {Mode::kEval, Mode::kTrain}) {
+      for (const float jitter : {0.0f, 0.1f}) {
+        SwitchConfig c = small_config();
+        c.jitter_eps = jitter;
+        c.routing.capacity_factor = 0.25;  // most tokens dropped in training
+        c.routing.eval_capacity_factor = 0.25;
+        SwitchLayer<Policy> layer(c), fresh(c);
+        const Matrix<float> x = random_matrix(32, 6, 1);
+        // Row 29 comes before row 30 in the scan, whichever of them routing would keep.
+        Matrix<float> bad_x = x;
+        bad_x(29, 4) = bad;
+        bad_x(30, 1) = bad;
+        const std::string expected = "x(29, 4) is " + std::string(std::isnan(bad) ? "nan"
+                                                                  : bad > 0       ? "inf"
+                                                                                  : "-inf");
+        EXPECT_THROW_WITH(layer.forward(bad_x, mode), std::invalid_argument, expected.c_str());
+        // Zero router weights: the bad element's terms are inf * 0 = NaN.
+        const Matrix<float> saved = layer.router_weight();
+        layer.router_weight().setZero();
+        EXPECT_THROW_WITH(layer.forward(bad_x, mode), std::invalid_argument, expected.c_str());
+        layer.router_weight() = saved;
+        // Before the error of a resized parameter, as when x was scanned first.
+        layer.w_in(1) = Matrix<float>::Zero(2, 2);
+        EXPECT_THROW_WITH(layer.forward(bad_x, mode), std::invalid_argument, expected.c_str());
+        EXPECT_THROW_WITH(layer.forward(x, mode), std::invalid_argument, "w_in has shape");
+        layer.w_in(1) = fresh.w_in(1);
+        // Nothing drawn, nothing kept: the next calls are a fresh layer's.
+        EXPECT_TRUE(SameBits(layer.forward(x, Mode::kTrain).y, fresh.forward(x, Mode::kTrain).y));
+        EXPECT_TRUE(SameBits(layer.forward(x, mode).y, fresh.forward(x, mode).y));
+      }
+    }
+  }
+}
+
+TEST(BadInputSwitchLayer, NonFiniteInputIsNamedFp32) { non_finite_input_is_named<Fp32>(); }
+TEST(BadInputSwitchLayer, NonFiniteInputIsNamedBf16) { non_finite_input_is_named<Bf16>(); }
+TEST(BadInputSwitchLayer, NonFiniteInputIsNamedBf16RouterAblation) {
+  non_finite_input_is_named<switchmoe::Bf16RouterAblation>();
 }
 
 // A training forward that fails (here: non-finite logits from a non-finite router weight) draws

@@ -3,7 +3,9 @@
 // choice is about speed only: outputs, the kept activations (hence backward) and dropout masks
 // must be bitwise the same under both schedules and for 1, 2 and 3 threads. The schedule is
 // forced through detail::forced_ffn_schedule(); the split-tiles result on one thread is the
-// baseline, itself checked against a double-precision reference.
+// baseline, itself checked against a double-precision reference. Since round 4 the schedule
+// applies to backward too (whole FFNs: an FFN's four backward products back to back), which
+// the dx and gradient comparisons below cover.
 #include <gtest/gtest.h>
 #include <omp.h>
 

@@ -3,16 +3,30 @@
 //   bitwise the plain GEMM form, and near a double-precision reference;
 // - the vectorizable exp of the z-loss's log-sum-exp: within 2 ulp of std::exp, exp(0) == 1,
 //   and the log-sum-exp near a long double reference;
+// - (round 4) the router's packed weight (the plain-form logits, e.g. decode, after
+//   sync_weights()): never stale after a write through weight() or parameters(), in the layer
+//   too;
+//   the bits against the plain GEMM are NarrowRouterProducts' (its plain-form cases);
+// - (round 4) the vectorized float -> bf16 conversion of the gather: bitwise Eigen's, denormals,
+//   infinities and NaNs included; and the gather of bf16 rows bitwise Eigen's cast;
+// - (round 4) the load-balancing loss's reciprocal for power-of-two groups: bitwise the
+//   division per term, for power-of-two and other group sizes;
 // - the top-1 choice: the first column of the general top-k, ties to the lower index.
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <vector>
 
+#include "switchmoe/dispatch/dispatch_plan.hpp"
+#include "switchmoe/kernels/convert.hpp"
 #include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/layers/switch_layer.hpp"
 #include "switchmoe/losses/z_loss.hpp"
 #include "switchmoe/routing/route.hpp"
 #include "switchmoe/routing/router.hpp"
@@ -105,6 +119,9 @@ TEST(ZLossExp, WithinTwoUlpOfStdExp) {
   using switchmoe::detail::exp_nonpositive;
   EXPECT_EQ(exp_nonpositive(0.0), 1.0);
   EXPECT_EQ(exp_nonpositive(-0.0), 1.0);
+  // Outside the domain, as documented: x > 0 and +inf are taken as 0 (the clamp's mask).
+  EXPECT_EQ(exp_nonpositive(3.0), 1.0);
+  EXPECT_EQ(exp_nonpositive(std::numeric_limits<double>::infinity()), 1.0);
   std::mt19937_64 rng(3);
   double worst = 0.0;
   for (int i = 0; i < 200000; ++i) {
@@ -137,6 +154,166 @@ TEST(ZLossExp, LogSumExpNearLongDouble) {
 
 // k = 1 on logits with many ties: the first column of the general top-2 (the loop the k = 1
 // path replaces), and the lowest index among the row's maxima.
+// aux = sum over groups, tokens and experts, in that order, of f-weight * p / g: the loss must
+// give these bits whether it divides (any g) or multiplies by the exact 1 / g (power-of-two g).
+// Many small cases, so that a last-bit difference of a term is not lost in a large sum.
+TEST(LoadBalancingLoss, BitwiseTheDivisionPerTerm) {
+  std::mt19937 rng(9);
+  int cases = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    for (int g : {1, 2, 3, 4, 6, 7, 8, 12, 16, 64}) {
+      const int experts = 2 + trial % 3, tokens = g * (1 + trial % 2);
+      Matrix<float> logits = random_matrix(tokens, experts, rng) * 3.0f;
+      Matrix<float> probs;
+      switchmoe::detail::softmax(logits, probs);
+      Matrix<int> expert;
+      switchmoe::detail::top_k_experts(logits, 1 + trial % 2, expert);
+      double want = 0.0;
+      for (int first = 0; first < tokens; first += g) {
+        std::vector<double> weight(static_cast<std::size_t>(experts), 0.0);
+        for (int t = first; t < first + g; ++t) {
+          for (int c = 0; c < expert.cols(); ++c) weight[expert(t, c)] += 1.0;
+        }
+        const double groups = tokens / g;
+        for (double& w : weight) {
+          w *= static_cast<double>(experts) / (static_cast<double>(g) * groups);
+        }
+        for (int t = first; t < first + g; ++t) {
+          for (int e = 0; e < experts; ++e) {
+            want += weight[e] * static_cast<double>(probs(t, e)) / g;
+          }
+        }
+      }
+      std::vector<double> scratch;
+      const double got = switchmoe::detail::load_balancing_loss_double(probs, expert, g, scratch);
+      ASSERT_EQ(std::memcmp(&got, &want, sizeof(double)), 0)
+          << "trial " << trial << ", groups of " << g << ": " << got << " vs " << want;
+      ++cases;
+    }
+  }
+  EXPECT_EQ(cases, 4000);
+}
+
+// The logits after each way of changing the router weight, against a router built with the
+// new weight from the start (bitwise: the same product of the same operands).
+TEST(RouterPackedWeight, RefreshedAfterEveryChange) {
+  std::mt19937 rng(12);
+  for (int tokens : {1, 7, 100}) {  // plain form below 32 tokens (8 experts); 40 experts: always
+    for (int experts : {8, 40}) {
+      RouterConfig config;
+      config.d_model = 24;
+      config.num_experts = experts;
+      config.jitter_eps = 0.0f;
+      config.seed = 3;
+      Router<Fp32> router(config);
+      const Matrix<float> x = random_matrix(tokens, 24, rng);
+      auto expect_logits_of = [&](const Matrix<float>& w, const char* when) {
+        Router<Fp32> fresh(config);
+        fresh.weight() = w;
+        Matrix<float> got, want;
+        router.forward(x, Mode::kEval, got);
+        fresh.forward(x, Mode::kEval, want);
+        EXPECT_TRUE(same_bits(got, want)) << when << ", " << tokens << " tokens, " << experts;
+      };
+      const Router<Fp32>& view = router;
+      expect_logits_of(view.weight(), "first call");
+      // Through weight(): the reference stays writable, so every later forward repacks.
+      Matrix<float>& w = router.weight();
+      w(3, 1) += 1.0f;
+      expect_logits_of(view.weight(), "after a write through weight()");
+      w(5, 0) -= 2.0f;
+      expect_logits_of(view.weight(), "after a second write through the same reference");
+      // After sync_weights(): packed once, then reused; a new weight() access repacks.
+      router.sync_weights();
+      expect_logits_of(view.weight(), "after sync_weights");
+      expect_logits_of(view.weight(), "again after sync_weights");
+      router.weight()(0, 2) = 0.5f;
+      expect_logits_of(view.weight(), "after weight() following sync_weights");
+      // Through parameters(), as an optimizer writes.
+      router.sync_weights();
+      Matrix<float> ignored;
+      router.forward(x, Mode::kEval, ignored);
+      std::vector<switchmoe::ParameterRef> params;
+      router.append_parameters("router.", params);
+      params[0].value->array() *= 0.5f;
+      expect_logits_of(view.weight(), "after a write through parameters()");
+      router.sync_weights();  // the copy packed before the write must not come back
+      expect_logits_of(view.weight(), "after sync_weights following the write");
+    }
+  }
+  // The layer: sync_weights() reaches the router; router_weight() exposes it again.
+  switchmoe::SwitchConfig lc;
+  lc.d_model = 16;
+  lc.d_ff = 8;
+  lc.routing.num_experts = 40;
+  lc.routing.dropless = true;
+  lc.seed = 2;
+  switchmoe::SwitchLayer<> layer(lc), fresh(lc);
+  layer.sync_weights();
+  const Matrix<float> x = random_matrix(3, 16, rng);
+  EXPECT_TRUE(same_bits(layer.forward(x, Mode::kEval).y, fresh.forward(x, Mode::kEval).y));
+  layer.router_weight()(1, 7) = 3.0f;
+  fresh.router_weight()(1, 7) = 3.0f;
+  const switchmoe::SwitchOutput a = layer.forward(x, Mode::kEval);
+  const switchmoe::SwitchOutput b = fresh.forward(x, Mode::kEval);
+  EXPECT_TRUE(same_bits(a.routing.logits, b.routing.logits));
+  EXPECT_TRUE(same_bits(a.y, b.y));
+}
+
+TEST(ExactBf16Conversion, BitwiseEigensRounding) {
+  // Every upper half (sign, exponent, 7 mantissa bits: zeros, denormals, infinities, NaNs) with
+  // lower halves at and around the rounding boundary, and random ones.
+  std::mt19937 rng(4);
+  std::vector<float> src;
+  for (std::uint32_t high = 0; high < 0x10000u; ++high) {
+    for (std::uint32_t low : {0x0000u, 0x0001u, 0x7FFFu, 0x8000u, 0x8001u, 0xFFFFu,
+                              static_cast<std::uint32_t>(rng() & 0xFFFFu)}) {
+      const std::uint32_t u = high << 16 | low;
+      float f = 0.0f;
+      std::memcpy(&f, &u, sizeof(f));
+      src.push_back(f);
+    }
+  }
+  std::vector<Eigen::bfloat16> got(src.size());
+  // Row segments of odd lengths, so the vectorized loop's tails run too.
+  for (std::size_t j = 0; j < src.size();) {
+    const int n = static_cast<int>(std::min<std::size_t>(src.size() - j, 1 + j % 37));
+    switchmoe::kernels::convert_row_exact(src.data() + j, got.data() + j, n);
+    j += static_cast<std::size_t>(n);
+  }
+  for (std::size_t j = 0; j < src.size(); ++j) {
+    const Eigen::bfloat16 want(src[j]);
+    ASSERT_EQ(Eigen::numext::bit_cast<std::uint16_t>(got[j]),
+              Eigen::numext::bit_cast<std::uint16_t>(want))
+        << "float bits " << std::hex << Eigen::numext::bit_cast<std::uint32_t>(src[j]);
+  }
+}
+
+TEST(ExactBf16Conversion, GatherOfBf16RowsIsEigensCast) {
+  std::mt19937 rng(6);
+  Matrix<float> x = random_matrix(40, 19, rng);
+  x(3, 4) = 1e-40f;  // a denormal, which vcvtneps2bf16 would flush
+  switchmoe::Routing routing;
+  switchmoe::RoutingOptions options;
+  options.num_experts = 3;
+  options.top_k = 2;
+  switchmoe::route(random_matrix(40, 3, rng), options, Mode::kTrain, routing);
+  const switchmoe::DispatchPlan plan = switchmoe::make_dispatch_plan(routing, 3);
+  Matrix<Eigen::bfloat16> xg(plan.num_rows(), 19);
+  switchmoe::gather<Eigen::bfloat16>(x, plan, Eigen::Ref<Matrix<Eigen::bfloat16>>(xg));
+  int denormal_rows = 0;
+  for (Eigen::Index r = 0; r < xg.rows(); ++r) {
+    const int t = plan.token[r];
+    denormal_rows += t == 3;
+    for (Eigen::Index c = 0; c < 19; ++c) {
+      ASSERT_EQ(Eigen::numext::bit_cast<std::uint16_t>(xg(r, c)),
+                Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(x(t, c))))
+          << r << ", " << c;
+    }
+  }
+  EXPECT_GT(denormal_rows, 0);
+}
+
 TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
   std::mt19937 rng(9);
   std::uniform_int_distribution<int> level(0, 3);

@@ -12,9 +12,11 @@
 // so its sum does not depend on the thread count or the row layout.
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "switchmoe/core/parallel.hpp"
+#include "switchmoe/kernels/convert.hpp"
 #include "switchmoe/routing/options.hpp"
 
 namespace switchmoe {
@@ -172,9 +174,20 @@ inline void row_keys(const DispatchPlan& plan, std::int64_t first_token,
 template <class T, class XgDerived>
 void gather_rows(const Eigen::Ref<const Matrix<float>>& x, const DispatchPlan& plan,
                  Eigen::MatrixBase<XgDerived>& xg) {
-  detail::parallel_for(plan.num_rows(), x.cols(), [&](Eigen::Index r) {
-    xg.row(r) = x.row(plan.token[r]).template cast<T>();
-  });
+  if constexpr (std::is_same_v<T, Eigen::bfloat16> && XgDerived::IsRowMajor &&
+                static_cast<int>(XgDerived::InnerStrideAtCompileTime) == 1) {
+    // Eigen's conversion, bit for bit, in a loop that vectorizes (Eigen's cast is scalar).
+    const int cols = static_cast<int>(x.cols());
+    if (cols == 0) return;
+    detail::parallel_for(plan.num_rows(), x.cols(), [&](Eigen::Index r) {
+      kernels::convert_row_exact(x.data() + plan.token[r] * x.outerStride(), &xg.coeffRef(r, 0),
+                                 cols);
+    });
+  } else {
+    detail::parallel_for(plan.num_rows(), x.cols(), [&](Eigen::Index r) {
+      xg.row(r) = x.row(plan.token[r]).template cast<T>();
+    });
+  }
 }
 
 /// y[t] = sum over t's positions c, in order, of gate_of(r) * yg[r], r = row(t, c); exactly 0

@@ -610,25 +610,6 @@ class FeedForwardBank {
         part->dhidden_element.resize(part_rows, kProducts * part->width);
       }
     }
-    begin_batch();
-    for (Part* part : parts) {
-      add_packed(*part, dy_of(part), ldd_of(part), part->out_transposed, part->dhidden.data(),
-                 part->width);
-    }
-    run_packed([&](Part& part, int, Eigen::Index r, int j0, int cols) {
-      if constexpr (kGated) {
-        finish_gated_dhidden(part, r, j0, cols);
-      } else {
-        finish_dhidden(part, r, j0, cols);
-      }
-    });
-    // dW_out += h^T * dy
-    plain_problems_.clear();
-    for (Part* part : parts) {
-      add_weight_grads(*part, part->hidden.data(), part->width, dy_of(part), ldd_of(part),
-                       part->grad_w_out);
-    }
-    run_plain();
     // dL/dpre as Element: [rows, d_ff] (gated: [rows, 2 d_ff] = [d gate | d up]).
     auto dpre_of = [&](Part* part) -> const Element* {
       if constexpr (!kElementIsFloat) {
@@ -639,22 +620,67 @@ class FeedForwardBank {
         return part->dhidden.data();
       }
     };
-    if (config_.bias) {
-      for (Part* part : parts) {
-        const int d_ff = part->width;
-        for (int e = 0; e < part->count; ++e) {
-          const int first = (*part->offsets)[e], m = (*part->offsets)[e + 1] - first;
-          if (m == 0) continue;
-          if constexpr (kGated) {
-            const auto block = part->dpre.view().middleRows(first, m);
-            part->grad_b_gate[e] += block.leftCols(d_ff).colwise().sum();
-            part->grad_b_in[e] += block.rightCols(d_ff).colwise().sum();
-          } else {
-            part->grad_b_in[e] += part->dhidden.view().middleRows(first, m).colwise().sum();
-          }
-        }
+    const auto finish_dpre = [&](Part& part, int, Eigen::Index r, int j0, int cols) {
+      if constexpr (kGated) {
+        finish_gated_dhidden(part, r, j0, cols);
+      } else {
+        finish_dhidden(part, r, j0, cols);
       }
+    };
+    auto dx_of = [&](Part* part) { return part == &routed_ ? dxg.data() : shared->y.data(); };
+    auto lddx_of = [&](Part* part) {
+      return part == &routed_ ? dxg.outerStride() : shared->y.outerStride();
+    };
+    if (whole_ffn_backward_schedule()) {
+      // Each thread takes whole FFNs: the four products of one FFN run back to back, so its
+      // dpre, hidden and dy rows and its weights and gradients (~0.5 MB at 128 rows of 64 x
+      // 256) are still in cache for the next product (see whole_ffn_backward_schedule).
+      run_whole_ffns(shared != nullptr, [&](Part& part, int e) {
+        const int first = (*part.offsets)[e], m = (*part.offsets)[e + 1] - first;
+        const int d_ff = part.width;
+        const Element* dy_e = dy_of(&part) + first * ldd_of(&part);
+        const Element* dpre_e = dpre_of(&part) + first * kProducts * d_ff;
+        // dh = dy W_out^T, then dL/dpre (finish_dpre), row tile by row tile.
+        run_packed_one(part, e, m, dy_e, ldd_of(&part), part.out_transposed[e],
+                       part.dhidden.data() + first * d_ff, d_ff, finish_dpre);
+        // dx = dpre W_in^T (gated: dpre [W_gate | W_in]^T).
+        run_packed_one(part, e, m, dpre_e, kProducts * d_ff, part.in_transposed[e],
+                       dx_of(&part) + first * lddx_of(&part), lddx_of(&part), NoFinish());
+        // dW_in += x^T dpre (gated: dW_gate, dW_in), dW_out += h^T dy: one problem each, on
+        // this thread (the kernels run single-threaded inside the loop's region).
+        const Element* x_e = x_of(&part) + first * ldx_of(&part);
+        const auto add_grad = [&](const Element* a, Eigen::Index lda, const Element* b,
+                                  Eigen::Index ldb, Matrix<float>& grad) {
+          kernels::gemm<Element, Isa>(kernels::GemmProblem<Element>{
+              static_cast<int>(grad.rows()), static_cast<int>(grad.cols()), m, a, lda,
+              kernels::Transpose::kYes, b, ldb, kernels::Transpose::kNo, grad.data(),
+              static_cast<int>(grad.cols()), 1.0f});
+        };
+        if constexpr (kGated) {
+          add_grad(x_e, ldx_of(&part), dpre_e, 2 * d_ff, part.grad_w_gate[e]);
+          add_grad(x_e, ldx_of(&part), dpre_e + d_ff, 2 * d_ff, part.grad_w_in[e]);
+        } else {
+          add_grad(x_e, ldx_of(&part), dpre_e, d_ff, part.grad_w_in[e]);
+        }
+        add_grad(part.hidden.data() + first * d_ff, d_ff, dy_e, ldd_of(&part), part.grad_w_out[e]);
+      });
+      add_hidden_bias_grads(parts);
+      return;
     }
+    begin_batch();
+    for (Part* part : parts) {
+      add_packed(*part, dy_of(part), ldd_of(part), part->out_transposed, part->dhidden.data(),
+                 part->width);
+    }
+    run_packed(finish_dpre);
+    // dW_out += h^T * dy
+    plain_problems_.clear();
+    for (Part* part : parts) {
+      add_weight_grads(*part, part->hidden.data(), part->width, dy_of(part), ldd_of(part),
+                       part->grad_w_out);
+    }
+    run_plain();
+    add_hidden_bias_grads(parts);
     // dW_in += x^T * dpre (gated: dW_gate from the left half, dW_in from the right), one batch.
     plain_problems_.clear();
     for (Part* part : parts) {
@@ -672,11 +698,45 @@ class FeedForwardBank {
     // dx = dpre * W_in^T (gated: dpre * [W_gate | W_in]^T, one product over k = 2 d_ff).
     begin_batch();
     for (Part* part : parts) {
-      float* dx = part == &routed_ ? dxg.data() : shared->y.data();
-      const Eigen::Index ldx = part == &routed_ ? dxg.outerStride() : shared->y.outerStride();
-      add_packed(*part, dpre_of(part), kProducts * part->width, part->in_transposed, dx, ldx);
+      add_packed(*part, dpre_of(part), kProducts * part->width, part->in_transposed, dx_of(part),
+                 lddx_of(part));
     }
     run_packed(NoFinish());
+  }
+
+  /// db_in (gated: db_gate, db_in) += the column sums of each FFN's block of dL/dpre.
+  void add_hidden_bias_grads(const std::vector<Part*>& parts) {
+    if (!config_.bias) return;
+    for (Part* part : parts) {
+      const int d_ff = part->width;
+      for (int e = 0; e < part->count; ++e) {
+        const int first = (*part->offsets)[e], m = (*part->offsets)[e + 1] - first;
+        if (m == 0) continue;
+        if constexpr (kGated) {
+          const auto block = part->dpre.view().middleRows(first, m);
+          part->grad_b_gate[e] += block.leftCols(d_ff).colwise().sum();
+          part->grad_b_in[e] += block.rightCols(d_ff).colwise().sum();
+        } else {
+          part->grad_b_in[e] += part->dhidden.view().middleRows(first, m).colwise().sum();
+        }
+      }
+    }
+  }
+
+  /// Whether backward gives each thread whole FFNs (all four products of one FFN back to back)
+  /// rather than running each product as one batch of all FFNs' tiles. Results are bitwise the
+  /// same either way (every element is the same kernel operations in the same k order; see
+  /// whole_ffn_schedule); forced_ffn_schedule() forces both directions.
+  bool whole_ffn_backward_schedule() const {
+    if (detail::forced_ffn_schedule() != detail::FfnSchedule::kAuto) {
+      return detail::forced_ffn_schedule() == detail::FfnSchedule::kWholeFfns;
+    }
+    // Measured on one thread (benchmarks/RESULTS_issue15.md, round 4, LM layer: 16 experts of
+    // 64 x 256, ~128 rows each): the bank 2-3% faster with whole FFNs, whose dpre, hidden rows,
+    // weights and gradients stay in L2 between an FFN's four products, where the batched
+    // schedule streams each of them for all FFNs from L3 between products. On more threads the
+    // batched schedule (tiles of all FFNs split across threads) stays, as it was not measured.
+    return omp_get_max_threads() == 1;
   }
 
   /// The local index of global expert e; throws unless the bank holds it.

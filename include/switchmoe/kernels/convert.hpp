@@ -10,6 +10,8 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "switchmoe/kernels/isa.hpp"
 #include "switchmoe/kernels/micro_kernel_portable.hpp"
@@ -65,6 +67,23 @@ struct RowConversion<isa::Avx512Bf16> {
 #endif
 
 }  // namespace detail
+
+/// Eigen's float32 -> bf16 conversion exactly (round to nearest even, denormals kept, a NaN to
+/// the quiet NaN of its sign), written in 32-bit integer arithmetic that compilers vectorize
+/// (Eigen's conversion is a scalar function with a branch). For data whose bits must not depend
+/// on the instruction set, e.g. the gathered tokens, which kernels without vdpbf16ps also read.
+inline void convert_row_exact(const float* src, Eigen::bfloat16* dst, int n) {
+  static_assert(sizeof(Eigen::bfloat16) == sizeof(std::uint16_t));
+  for (int j = 0; j < n; ++j) {
+    std::uint32_t u = 0;
+    std::memcpy(&u, src + j, sizeof(u));
+    const std::uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const std::uint32_t quiet_nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
+    const std::uint16_t bits =
+        static_cast<std::uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : rounded);
+    std::memcpy(static_cast<void*>(dst + j), &bits, sizeof(bits));  // its raw bits
+  }
+}
 
 template <class Isa = isa::Native>
 void convert_row(const float* src, float* dst, int n) {

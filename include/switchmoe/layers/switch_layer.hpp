@@ -177,8 +177,12 @@ class SwitchLayer {
   }
 
   /// See FeedForwardBank::sync_weights: call after the last edit of the weights when only
-  /// forward calls follow, so bf16 compute copies are not rebuilt at every call.
-  void sync_weights() { experts_.sync_weights(); }
+  /// forward calls follow, so the experts' compute copies (and the router's packed weight, for
+  /// a router that keeps one) are not rebuilt at every call.
+  void sync_weights() {
+    sync_router_weights(router_, 0);
+    experts_.sync_weights();
+  }
 
   /// Routes x [tokens, d_model] and applies the experts. Mode::kTrain uses the training capacity
   /// factor, jitter and expert dropout, and keeps what backward needs.
@@ -197,12 +201,16 @@ class SwitchLayer {
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
     has_forward_ = false;
     std::exception_ptr error;
+    bool x_shape_checked = false;
     try {
       detail::check_mode(mode);
-      check_input("x", x);
+      detail::check_shape("x", x, -1, config_.d_model);
+      x_shape_checked = true;
+      if constexpr (!kLogitsShowNonFiniteInput) detail::check_finite("x", x);
       check_parameter_shapes();
     } catch (...) {
-      error = std::current_exception();
+      error =
+          x_shape_checked ? non_finite_x_or(x, std::current_exception()) : std::current_exception();
     }
     first_token_ = exchange_.begin_call(x.rows(), mode, error);
     const std::uint64_t jitter_calls = router_.jitter_calls();
@@ -216,7 +224,9 @@ class SwitchLayer {
         detail::round_to_bf16(out.routing.gate);
       }
     } catch (...) {
-      error = std::current_exception();
+      // A non-finite x made every logit of its token non-finite, which the scheme's check of
+      // the logits found: the error names x, as the check before the router would have.
+      error = non_finite_x_or(x, std::current_exception());
       router_.set_jitter_calls(jitter_calls);  // the failed call draws nothing
     }
     exchange_.agree(error);  // e.g. non-finite logits from a non-finite router weight
@@ -350,11 +360,39 @@ class SwitchLayer {
     detail::check_finite(name, m);
   }
 
+  // Whether the router promises that a non-finite element of x makes its token's logits
+  // non-finite (Router: x .* noise times W, and inf * w, NaN * w and any sum holding one are
+  // never finite). Then forward does not scan x for them before routing: the routing scheme's
+  // check of the logits (a pass over [tokens, experts], not [tokens, d_model]) finds them, and
+  // x is scanned only once something has failed, to name it (non_finite_x_or).
+  static constexpr bool kLogitsShowNonFiniteInput = detail::logits_show_non_finite_input_v<RouterT>;
+
+  /// The error "x(r, c) is nan, expected a finite value" if x has a non-finite element (the
+  /// error a scan before routing would have thrown first), else `error`. x has d_model columns.
+  static std::exception_ptr non_finite_x_or(const Eigen::Ref<const Matrix<float>>& x,
+                                            std::exception_ptr error) {
+    if constexpr (kLogitsShowNonFiniteInput) {
+      try {
+        detail::check_finite("x", x);
+      } catch (...) {
+        return std::current_exception();
+      }
+    }
+    return error;
+  }
+
   void check_parameter_shapes() const {
     router_.check_parameter_shapes();
     experts_.check_parameter_shapes();
     shared_gate_.check_parameter_shapes(config_.d_model);
   }
+
+  template <class R>
+  static auto sync_router_weights(R& router, int) -> decltype(router.sync_weights(), void()) {
+    router.sync_weights();
+  }
+  template <class R>
+  static void sync_router_weights(R&, long) {}  // a router without packed weights
 
   SharedExpertGate& gate_part(const char* name) {
     if (!shared_gate_.learned()) {

@@ -27,13 +27,14 @@ inline double exp_nonpositive(double x) {
   constexpr double kLn2Lo = 1.90821492927058770002e-10;
   // x = max(x, -708) on the bits (a floating-point compare would keep compilers from
   // vectorizing under -ftrapping-math): as unsigned integers, +0.0 is 0 and a negative x is
-  // 2^63 plus its magnitude's bits, which grow with the magnitude.
+  // 2^63 plus its magnitude's bits, which grow with the magnitude. A non-negative x (sign bit
+  // 0) becomes 0 through a mask rather than a conditional, which GCC 12 would not vectorize.
   std::uint64_t x_bits = 0, floor_bits = 0;
   constexpr double kFloor = -708.0;
   std::memcpy(&x_bits, &x, sizeof(x));
   std::memcpy(&floor_bits, &kFloor, sizeof(kFloor));
-  constexpr std::uint64_t kSignBit = std::uint64_t{1} << 63;
-  x_bits = x_bits < kSignBit ? 0 : std::min(x_bits, floor_bits);
+  const std::uint64_t negative_mask = std::uint64_t{0} - (x_bits >> 63);  // all ones if x < 0
+  x_bits = std::min(x_bits, floor_bits) & negative_mask;
   std::memcpy(&x, &x_bits, sizeof(x));
   // n = round(x log2 e) for x <= 0 (truncation of y - 0.5 toward zero; ties away from zero)
   const auto n_int = static_cast<std::int64_t>(x * kLog2e - 0.5);

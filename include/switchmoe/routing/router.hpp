@@ -15,6 +15,7 @@
 #include "switchmoe/core/precision.hpp"
 #include "switchmoe/core/random.hpp"
 #include "switchmoe/kernels/gemm.hpp"
+#include "switchmoe/kernels/packed_b.hpp"
 
 namespace switchmoe {
 namespace detail {
@@ -25,6 +26,18 @@ inline void round_to_bf16(Matrix<float>& m) {
   for (Eigen::Index i = 0; i < m.size(); ++i)
     m.data()[i] = static_cast<float>(Eigen::bfloat16(m.data()[i]));
 }
+
+/// Whether RouterT declares `static constexpr bool kLogitsShowNonFiniteInput = true`: every
+/// logit of a token with a non-finite input element is non-finite. A layer may then leave the
+/// finiteness check of its input to the check of the logits (SwitchLayer::forward).
+template <class RouterT, class = void>
+struct logits_show_non_finite_input : std::false_type {};
+template <class RouterT>
+struct logits_show_non_finite_input<RouterT,
+                                    std::void_t<decltype(RouterT::kLogitsShowNonFiniteInput)>>
+    : std::bool_constant<RouterT::kLogitsShowNonFiniteInput> {};
+template <class RouterT>
+inline constexpr bool logits_show_non_finite_input_v = logits_show_non_finite_input<RouterT>::value;
 
 }  // namespace detail
 
@@ -52,6 +65,11 @@ class Router {
  public:
   using PolicyType = Policy;
   using IsaType = Isa;
+  // logit(t, e) = sum_j x(t, j) noise(t, j) W(j, e) (+ b(e)): with x(t, j) infinite or NaN, the
+  // term of j is infinite or NaN whatever W(j, e) (inf * 0 is NaN; noise is in [1 - eps,
+  // 1 + eps]), and so is the sum; bfloat16 rounding keeps both (see
+  // detail::logits_show_non_finite_input).
+  static constexpr bool kLogitsShowNonFiniteInput = true;
 
   explicit Router(const RouterConfig& config) : config_(config) {
     if (config.d_model < 1)
@@ -72,8 +90,22 @@ class Router {
   }
 
   const RouterConfig& config() const { return config_; }
-  Matrix<float>& weight() { return weight_; }  // [d_model, experts]
+  // A non-const reference to the weight may be written through at any later time, so from then
+  // on forward does not use the packed copy, until sync_weights() (the expert bank's mechanism,
+  // FeedForwardBank::sync_weights).
+  Matrix<float>& weight() {  // [d_model, experts]
+    weight_exposed_ = true;
+    return weight_;
+  }
   const Matrix<float>& weight() const { return weight_; }
+
+  /// Marks the packed copy of the weight out of date (rebuilt at the next forward that uses it)
+  /// and promises that references to the weight handed out so far will not be written through
+  /// again: later forwards reuse the copy until the next non-const access.
+  void sync_weights() {
+    weight_stale_ = true;
+    weight_exposed_ = false;
+  }
   Matrix<float>& bias() { return bias_; }  // [1, experts], empty without bias
   Matrix<float>& grad_weight() { return grad_weight_; }
   Matrix<float>& grad_bias() { return grad_bias_; }
@@ -124,6 +156,20 @@ class Router {
                                  input, input_stride, kernels::Transpose::kYes, logits_t_.data(),
                                  tokens, 0.0f});
       logits = logits_t_.transpose();
+    } else if (!kBf16 && !weight_exposed_) {
+      // After sync_weights(), the weight as a packed B operand, packed once per change rather
+      // than inside every call's product (a decode call's product is otherwise mostly the
+      // packing of W). While a writable reference is out, the plain product below packs W
+      // itself, as cheaply as a refresh here would. The packed product runs every element
+      // through the same kernel operations in the same k order as the plain one, so the logits
+      // are bitwise those of the plain and narrow forms.
+      if (weight_stale_) {
+        weight_packed_.pack(weight_.data(), e, kernels::Transpose::kNo, config_.d_model, e);
+        weight_stale_ = false;
+      }
+      kernels::gemm<float, Isa>(kernels::PackedGemmProblem<float, Isa>{
+          tokens, input, input_stride, kernels::Transpose::kNo, &weight_packed_, logits.data(), e,
+          0.0f});
     } else {
       kernels::gemm<float, Isa>({tokens, e, config_.d_model, input, input_stride,
                                  kernels::Transpose::kNo, weight, e, kernels::Transpose::kNo,
@@ -190,6 +236,7 @@ class Router {
   }
 
   void append_parameters(const std::string& prefix, std::vector<ParameterRef>& out) {
+    weight_exposed_ = true;  // the caller may write through the pointer at any time
     out.push_back({prefix + "weight", &weight_, &grad_weight_, ParameterRole::kWeight,
                    ParameterOwner::kRouter});
     if (config_.bias) {
@@ -257,6 +304,9 @@ class Router {
   Matrix<float> logits_t_;  // [experts, tokens] the transposed logits (narrow_products)
   Matrix<float> grad_weight_t_;  // [experts, d_model] the transposed dW (narrow_products)
   Matrix<float> weight_bf16_;    // [d_model, experts] Bf16RouterAblation only: the rounded weights
+  kernels::PackedB<float, Isa> weight_packed_;  // W packed for the plain-form logits product
+  bool weight_stale_ = true;                    // weight_packed_ out of date
+  bool weight_exposed_ = false;  // a writable reference to weight_ is out: the plain product
   std::uint64_t calls_ = 0;
   bool has_forward_ = false;
 };
