@@ -381,6 +381,7 @@ inline constexpr int kTilesPerThread = 6;
 template <class Kernel, class T>
 void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, bool b_prepacked,
                 std::vector<Tile>& tiles) {
+  const bool balanced = balanced_row_tiles().load(std::memory_order_relaxed);
   long long row_blocks = 0;  // kMc-row blocks of all problems
   long long blocks = 0;      // kMc x kNc blocks of all problems
   long long scale_only = 0;  // problems with k == 0
@@ -418,10 +419,15 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, 
       tiles.push_back(Tile{static_cast<int>(i), 0, p.m, 0, p.n});
       continue;
     }
-    // Even row tiles (rounded to the register tile), rather than full tiles and a thin rest.
+    // Even row tiles rather than full tiles and a thin rest: 256 rows as 128 + 128. Rounded up
+    // to the register tile where compute_tile uses kMr-row tiles (op(A) transposed, or without
+    // balanced_row_tiles; 256 rows as 140 + 116 then), so that only the last one has a
+    // remainder.
     const int row_tiles = (p.m + max_tile_rows - 1) / max_tile_rows;
     const int even_rows = (p.m + row_tiles - 1) / row_tiles;
-    const int tile_rows = (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
+    const int tile_rows = balanced && p.trans_a == Transpose::kNo
+                              ? even_rows
+                              : (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
     int tile_cols = Kernel::kNc;
     if (b_prepacked) {  // n split evenly into column_splits parts, in whole kNr panels
       const int panels = (p.n + Kernel::kNr - 1) / Kernel::kNr;
