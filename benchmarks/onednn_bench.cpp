@@ -30,10 +30,14 @@
 //
 //   onednn_bench [--reps N] [--tokens 1,8,64,512,2048] [--precision fp32,bf16]
 //                [--many_experts | --only_many_experts] [--schedule auto|split|whole]
-//                [--ab_schedule]
+//                [--ab_schedule] [--ab_rows] [--profile switchmoe|onednn]
 //                [--json FILE]
 // --schedule forces switchmoe's expert schedule (FeedForwardBank::whole_ffn_schedule);
 // --ab_schedule also times switchmoe under both schedules, interleaved, and reports the ratio.
+// --ab_rows also times switchmoe with balanced row tiles against kMr-row tiles and a remainder
+// (kernels::detail::balanced_row_tiles), interleaved, and reports the ratio.
+// --profile SIDE runs only that side's warm calls (--reps of them) and prints their median, so
+// that `perf record` sees one implementation (setup aside).
 // --many_experts also times switchmoe with 128 against 8 experts (512 x 2048, interleaved): the
 // time per token ratio. --only_many_experts skips the 8 x 768 x 3072 cases.
 // Needs libdnnl-dev (Debian; `bash cmake/install_deps.sh libdnnl-dev`); CMake skips this
@@ -459,6 +463,8 @@ struct Options {
   std::string schedule = "auto";  // switchmoe's expert schedule: auto, split or whole
   bool ab_schedule = false;       // also time switchmoe whole-FFN vs split-tiles, interleaved
   bool only_many = false;         // --many_experts without the 8-expert cases
+  bool ab_rows = false;           // also time switchmoe with / without balanced row tiles
+  std::string profile;            // --profile switchmoe|onednn: only that side, for perf record
 };
 
 struct Result {
@@ -507,7 +513,22 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
         2.0 * shape.d_model * shape.d_ff * elem * std::count(touched.begin(), touched.end(), 1);
     const bool cold = tokens <= 64;
     const int reps = options.reps > 0 ? options.reps : tokens >= 2048 ? 7 : tokens >= 512 ? 11 : 31;
-    std::vector<double> ts, to, ratio, bw, ts_warm, to_warm, schedule_ratio;
+    if (!options.profile.empty()) {  // one side only, warm, so that a profile sees only it
+      std::vector<double> t;
+      for (int rep = 0; rep < reps; ++rep) {
+        const auto start = Clock::now();
+        if (options.profile == "switchmoe") {
+          layer.forward(x, switchmoe::Mode::kEval, out);
+        } else {
+          moe.forward(x, y);
+        }
+        t.push_back(seconds_since(start));
+      }
+      std::printf("| %s | profile %s | %d | median %.3f ms |\n", precision, options.profile.c_str(),
+                  tokens, median(t) * 1e3);
+      continue;
+    }
+    std::vector<double> ts, to, ratio, bw, ts_warm, to_warm, schedule_ratio, rows_ratio;
     for (int rep = 0; rep < reps; ++rep) {
       double t_switch = 0.0, t_onednn = 0.0;
       if (cold) {
@@ -549,6 +570,25 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
         switchmoe::detail::forced_ffn_schedule() = switchmoe::detail::FfnSchedule::kAuto;
         schedule_ratio.push_back(t_whole / t_split);
       }
+      if (options.ab_rows) {
+        // switchmoe alone, balanced row tiles on or off (a speed switch of the kernels, never a
+        // change of results), order flipping per rep.
+        double t_on = 0.0, t_off = 0.0;
+        for (int side = 0; side < 2; ++side) {
+          const bool on = (side == 0) == (rep % 2 == 0);
+          switchmoe::kernels::detail::balanced_row_tiles() = on;
+          if (cold) flush_process_caches();
+          const auto start = Clock::now();
+          layer.forward(x, switchmoe::Mode::kEval, out);
+          (on ? t_on : t_off) = seconds_since(start);
+        }
+        switchmoe::kernels::detail::balanced_row_tiles() = true;
+        rows_ratio.push_back(t_on / t_off);
+      }
+    }
+    if (options.ab_rows) {
+      std::printf("| %s | balanced / kMr row tiles | %d | %d x %d x %d | median ratio %.3f |\n",
+                  precision, tokens, shape.experts, shape.d_model, shape.d_ff, median(rows_ratio));
     }
     if (options.ab_schedule) {
       std::printf("| %s | whole / split schedule | %d | %d x %d x %d | median ratio %.3f |\n",
@@ -673,13 +713,17 @@ int main(int argc, char** argv) {
       options.many_experts = true;
     } else if (arg == "--only_many_experts") {
       options.many_experts = options.only_many = true;
+    } else if (arg == "--ab_rows") {
+      options.ab_rows = true;
+    } else if (arg == "--profile" && has_value) {
+      options.profile = argv[++i];
     } else if (arg == "--json" && has_value) {
       options.json = argv[++i];
     } else {
       std::fprintf(stderr,
                    "usage: %s [--reps N] [--tokens 1,8,...] [--precision fp32,bf16] "
                    "[--many_experts | --only_many_experts] [--schedule auto|split|whole] "
-                   "[--ab_schedule] [--json FILE]\n",
+                   "[--ab_schedule] [--ab_rows] [--profile switchmoe|onednn] [--json FILE]\n",
                    argv[0]);
       return 2;
     }

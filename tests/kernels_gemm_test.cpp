@@ -294,6 +294,38 @@ TYPED_TEST(GemmPathTest, BitwiseIndependentOfThreadCountAndBatching) {
       << "batched and one-by-one differ";
 }
 
+// compute_tile's balanced row tiles (a row block split into tiles of nearly equal height,
+// kernels::detail::balanced_row_tiles) against kMr-row tiles and a remainder: every row count
+// from 1 to 70 and some beyond a kMc block (139-141, 256), k over several k blocks, op(A) as
+// stored and transposed (which keeps kMr-row tiles): the same bits either way, and the double
+// reference.
+TYPED_TEST(GemmPathTest, BalancedRowTilesBitwiseEqualKmrRowTiles) {
+  using T = typename TestFixture::T;
+  using Isa = typename TestFixture::Isa;
+  std::atomic<bool>& balanced = switchmoe::kernels::detail::balanced_row_tiles();
+  std::vector<int> rows;
+  for (int m = 1; m <= 70; ++m) rows.push_back(m);
+  for (int m : {139, 140, 141, 256}) rows.push_back(m);
+  for (int m : rows) {
+    for (Transpose ta : kBoth) {
+      const int k = m % 3 == 0 ? 600 : 77;  // several k blocks for a third of the row counts
+      const OwnedProblem<T> before =
+          make_problem<T>(m, 70, k, ta, Transpose::kNo, m % 2 ? 1.0f : 0.0f, 1, 500u + m);
+      OwnedProblem<T> even = before, kmr = before;
+      balanced = true;
+      gemm<T, Isa>(even.view());
+      balanced = false;
+      gemm<T, Isa>(kmr.view());
+      balanced = true;
+      const std::string label = "m=" + std::to_string(m) + " k=" + std::to_string(k) +
+                                " ta=" + std::to_string(ta == Transpose::kYes);
+      ASSERT_EQ(0, std::memcmp(even.c.data(), kmr.c.data(), even.c.size() * sizeof(float)))
+          << label << ": balanced and kMr row tiles differ";
+      expect_matches_reference(before, even.c, label);
+    }
+  }
+}
+
 template <class T>
 std::string error_of(const GemmProblem<T>& p) {
   try {

@@ -32,6 +32,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -154,6 +155,15 @@ constexpr int packed_steps(int kc) {
 // a 140-row block (kMc) are 9 KB (float), so a chunk stays in L1 while all panels take it.
 inline constexpr int kPackChunkSteps = 16;
 
+// Kernels that pack edge panels (fewer than kPanel valid rows) themselves define
+// pack_edge_panel (micro_kernel_avx512.hpp).
+template <class Kernel, class = void>
+inline constexpr bool kHasEdgePacker = false;
+template <class Kernel>
+inline constexpr bool
+    kHasEdgePacker<Kernel, std::void_t<decltype(&Kernel::template pack_edge_panel<Kernel::kMr>)>> =
+        true;
+
 // Packs rows [r0, r0 + rows) x k values [p0, p0 + kc) of `view` into panels of `kPanel` rows
 // (the layout documented in pack.hpp); partial panels and k-steps are padded
 // with zeros. Shared by A (kPanel = kMr) and B (kPanel = kNr).
@@ -191,7 +201,15 @@ void pack_panels(const OperandView<S>& view, int r0, int rows, int p0, int kc,
   for (int q0 = 0; q0 < rows; q0 += kPanel) {
     const int valid_rows = std::min(kPanel, rows - q0);
     const S* base = view.data + (r0 + q0) * view.row_stride + p0 * view.k_stride;
-    const int s0 = q0 / kPanel < packed_panels ? full_steps : 0;  // first step left to pack
+    int s0 = q0 / kPanel < packed_panels ? full_steps : 0;  // first step left to pack
+    // An edge panel's full k-steps go to the kernel's edge packer where it has one for this
+    // layout (the tile path's row tiles of compute_tile are mostly edge panels).
+    if constexpr (std::is_same_v<S, Element> && kHasEdgePacker<Kernel>) {
+      if (valid_rows < kPanel && full_steps > 0 &&
+          Kernel::template pack_edge_panel<kPanel>(view, base, full_steps, valid_rows, dst)) {
+        s0 = full_steps;
+      }
+    }
     // Edge panels (fewer rows), the last odd k-step, and sources of another type (a float
     // master matrix packed for bf16): S -> Element is an explicit rounding conversion (Eigen's
     // round-to-nearest-even for bf16). Rows and k values past the end are zeros.
@@ -228,6 +246,36 @@ inline void prefetch_rows(const float* c, std::ptrdiff_t ldc, int rows, int cols
   }
 }
 
+// Whether compute_tile splits a row block into row tiles of nearly equal height rather than
+// full kMr-row tiles and a remainder. A switch for same-process A/B benchmarks
+// (RESULTS_issue15.md, round 4): set it only between calls; it changes the speed, never a
+// result.
+inline std::atomic<bool>& balanced_row_tiles() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// The row tiles of a block of `rows` rows: `count` tiles, the first `taller` of them base + 1
+// rows high and the rest `base`. Balanced (op(A) not transposed): as even as kMr allows, so
+// that every micro-kernel call runs nearly full (64 rows: 4 x 13 + 12 rather than 4 x 14 + 8,
+// 61 rows: 13 + 4 x 12 rather than 4 x 14 + 5, which ran as 8 rows). Otherwise kMr-row tiles
+// and the remainder: op(A) transposed (weight gradients) is packed for all panels at once,
+// k-chunk by chunk (pack_panels), which needs whole kMr-row panels. Every C element is one
+// accumulator chain of one micro-kernel call whatever the tile heights (zero, one fma per
+// k-step in increasing k, then acc + beta * C), so results do not depend on the split.
+struct RowTiles {
+  int rows, count, base, taller;
+  int offset(int t) const { return t * base + std::min(t, taller); }
+  int height(int t) const { return std::min(base + (t < taller ? 1 : 0), rows - offset(t)); }
+};
+
+template <int kMr>
+RowTiles row_tiles(int rows, bool balanced) {
+  const int count = (rows + kMr - 1) / kMr;
+  if (!balanced) return RowTiles{rows, count, kMr, 0};  // the last tile is the remainder
+  return RowTiles{rows, count, rows / count, rows % count};
+}
+
 // One output tile: rows [i0, i0 + rows) and columns [j0, j0 + nc) of C over the whole k range.
 // For each k block (in increasing k), the B block is packed once and reused by every
 // kMc-row block of the tile; `b_panels(p0, kc, j0, nc)` returns that packed B block.
@@ -238,6 +286,8 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
                   typename Kernel::Packed* a_pack, const BPanels& b_panels, const Finish& finish) {
   using Packed = typename Kernel::Packed;
   const OperandView<T> a = view_a(p);
+  const bool balanced =
+      p.trans_a == Transpose::kNo && balanced_row_tiles().load(std::memory_order_relaxed);
   for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
     const int kc = std::min(Kernel::kKc, p.k - p0);
     const int steps = packed_steps<Kernel>(kc);
@@ -249,22 +299,29 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
     const float beta = p0 == 0 ? p.beta : 1.0f;  // later k blocks accumulate
     for (int ic = 0; ic < rows; ic += Kernel::kMc) {
       const int mc = std::min(Kernel::kMc, rows - ic);
-      pack_panels<Kernel, Kernel::kMr>(a, i0 + ic, mc, p0, kc, a_pack);
+      const RowTiles tiles = row_tiles<Kernel::kMr>(mc, balanced);
+      if (balanced) {  // one panel per row tile, each of its own height
+        for (int t = 0; t < tiles.count; ++t) {
+          pack_panels<Kernel, Kernel::kMr>(a, i0 + ic + tiles.offset(t), tiles.height(t), p0, kc,
+                                           a_pack + t * a_panel);
+        }
+      } else {
+        pack_panels<Kernel, Kernel::kMr>(a, i0 + ic, mc, p0, kc, a_pack);
+      }
       // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2. The first
       // row tile of each micro-panel prefetches the next one (contiguous in both packed
       // layouts), which hides memory latency when thin experts stream their weights.
       for (int jr = 0; jr < nc; jr += Kernel::kNr) {
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
-        for (int ir = 0; ir < mc; ir += Kernel::kMr) {
+        const int cols = std::min(Kernel::kNr, nc - jr);
+        for (int t = 0; t < tiles.count; ++t) {
+          const int ir = tiles.offset(t), height = tiles.height(t);
           float* cij = p.c + static_cast<std::ptrdiff_t>(i0 + ic + ir) * p.ldc + (j0 + jr);
-          if (ir + Kernel::kMr < mc) {
-            prefetch_rows(cij + Kernel::kMr * p.ldc, p.ldc,
-                          std::min(Kernel::kMr, mc - ir - Kernel::kMr),
-                          std::min(Kernel::kNr, nc - jr));
+          if (t + 1 < tiles.count) {
+            prefetch_rows(cij + height * p.ldc, p.ldc, tiles.height(t + 1), cols);
           }
-          Kernel::run(steps, a_pack + (ir / Kernel::kMr) * a_panel, bj, cij, p.ldc, beta,
-                      std::min(Kernel::kMr, mc - ir), std::min(Kernel::kNr, nc - jr),
-                      ir == 0 ? bj + b_panel : nullptr);
+          Kernel::run(steps, a_pack + t * a_panel, bj, cij, p.ldc, beta, height, cols,
+                      t == 0 ? bj + b_panel : nullptr);
         }
       }
       if (p0 + kc == p.k) finish(i0 + ic, mc, j0, nc);
@@ -324,6 +381,7 @@ inline constexpr int kTilesPerThread = 6;
 template <class Kernel, class T>
 void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, bool b_prepacked,
                 std::vector<Tile>& tiles) {
+  const bool balanced = balanced_row_tiles().load(std::memory_order_relaxed);
   long long row_blocks = 0;  // kMc-row blocks of all problems
   long long blocks = 0;      // kMc x kNc blocks of all problems
   long long scale_only = 0;  // problems with k == 0
@@ -361,10 +419,15 @@ void make_tiles(const GemmProblem<T>* problems, std::size_t count, int threads, 
       tiles.push_back(Tile{static_cast<int>(i), 0, p.m, 0, p.n});
       continue;
     }
-    // Even row tiles (rounded to the register tile), rather than full tiles and a thin rest.
+    // Even row tiles rather than full tiles and a thin rest: 256 rows as 128 + 128. Rounded up
+    // to the register tile where compute_tile uses kMr-row tiles (op(A) transposed, or without
+    // balanced_row_tiles; 256 rows as 140 + 116 then), so that only the last one has a
+    // remainder.
     const int row_tiles = (p.m + max_tile_rows - 1) / max_tile_rows;
     const int even_rows = (p.m + row_tiles - 1) / row_tiles;
-    const int tile_rows = (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
+    const int tile_rows = balanced && p.trans_a == Transpose::kNo
+                              ? even_rows
+                              : (even_rows + Kernel::kMr - 1) / Kernel::kMr * Kernel::kMr;
     int tile_cols = Kernel::kNc;
     if (b_prepacked) {  // n split evenly into column_splits parts, in whole kNr panels
       const int panels = (p.n + Kernel::kNr - 1) / Kernel::kNr;

@@ -66,23 +66,25 @@ inline __mmask16 first_lanes16(int count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
-// Full panel whose k-steps are contiguous 32-bit units in memory (a float, or a bf16 pair):
+// Panel whose k-steps are contiguous 32-bit units in memory (a float, or a bf16 pair):
 // op(A) not transposed, op(B) transposed. Transposes 16 x 16 blocks in registers.
-// dst unit (s * kPanel + r) = unit s of panel row r.
+// dst unit (s * kPanel + r) = unit s of panel row r for the first valid_rows rows, zero for the
+// rows after them (an edge panel; rows past valid_rows are never read).
 template <int kPanel>
-inline void pack_transposed_32bit(const char* base, std::ptrdiff_t row_bytes, int steps,
-                                  char* dst) {
+inline void pack_transposed_32bit(const char* base, std::ptrdiff_t row_bytes, int steps, char* dst,
+                                  int valid_rows = kPanel) {
   for (int s0 = 0; s0 < steps; s0 += 16) {
     const int cols = std::min(16, steps - s0);
     const __mmask16 load_mask = first_lanes16(cols);
 #pragma GCC unroll 2
     for (int g = 0; g < kPanel; g += 16) {
       const int rows = std::min(16, kPanel - g);
+      const int loaded = std::min(rows, valid_rows - g);
       __m512i r[16];
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
-        r[i] = i < rows ? _mm512_maskz_loadu_epi32(load_mask, base + (g + i) * row_bytes + s0 * 4)
-                        : _mm512_setzero_si512();
+        r[i] = i < loaded ? _mm512_maskz_loadu_epi32(load_mask, base + (g + i) * row_bytes + s0 * 4)
+                          : _mm512_setzero_si512();
       }
       transpose_16x16_epi32(r);
       const __mmask16 store_mask = first_lanes16(rows);
@@ -125,14 +127,36 @@ struct Avx512Tile {
     }
   }
 
-  // Calls run_tile<R> with R the smallest of 2, 4, 8, kMr that covers `rows`, so that the thin
-  // row tiles of small experts (16 tokens: 14 + 2 rows) do not pay for kMr rows.
+  // Calls run_tile<R> with R = rows from 5 rows on, else the smallest of 2 and 4 that covers
+  // `rows`, so that a row tile pays only for its own rows: compute_tile splits a row block
+  // into tiles of nearly equal height (64 rows: 4 x 13 + 12), and 5 or more rows keep at
+  // least 10 independent fma chains, enough for the 2 fma pipes at 4 cycles of latency.
   template <class Run>
   static inline void dispatch_rows(int rows, const Run& run) {
-    if (rows > 8) {
-      run(std::integral_constant<int, kMr>());
-    } else if (rows > 4) {
-      run(std::integral_constant<int, 8>());
+    static_assert(kMr == 14, "dispatch_rows lists the heights 5 .. 14");
+    if (rows > 4) {
+      switch (rows) {
+        case 5:
+          return run(std::integral_constant<int, 5>());
+        case 6:
+          return run(std::integral_constant<int, 6>());
+        case 7:
+          return run(std::integral_constant<int, 7>());
+        case 8:
+          return run(std::integral_constant<int, 8>());
+        case 9:
+          return run(std::integral_constant<int, 9>());
+        case 10:
+          return run(std::integral_constant<int, 10>());
+        case 11:
+          return run(std::integral_constant<int, 11>());
+        case 12:
+          return run(std::integral_constant<int, 12>());
+        case 13:
+          return run(std::integral_constant<int, 13>());
+        default:
+          return run(std::integral_constant<int, kMr>());
+      }
     } else if (rows > 2) {
       run(std::integral_constant<int, 4>());
     } else {
@@ -369,6 +393,23 @@ struct Avx512FloatKernel : Avx512Tile<14> {
     pack_full_panel_portable<Avx512FloatKernel, kPanel>(view, base, steps, dst);
   }
 
+  // A panel of valid_rows < kPanel rows (the rest zero) with every k-step valid, in registers
+  // like a full one, when its k values are contiguous floats; false: not handled (the caller
+  // packs it element by element, with the same result).
+  template <int kPanel>
+  static bool pack_edge_panel(const OperandView<T>& view, const T* base, int steps, int valid_rows,
+                              Packed* dst) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (view.k_stride == 1) {
+        pack_transposed_32bit<kPanel>(reinterpret_cast<const char*>(base),
+                                      view.row_stride * static_cast<std::ptrdiff_t>(sizeof(float)),
+                                      steps, reinterpret_cast<char*>(dst), valid_rows);
+        return true;
+      }
+    }
+    return false;
+  }
+
   // Thin row blocks (decode): op(A) rows read in place, see Avx512Tile::run_thin_tile. The
   // broadcast value is the packed one (pack(): a float, or a bf16 widened exactly).
   static constexpr int kThinRows = 8;
@@ -387,20 +428,29 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
                   float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
-      run_tile<decltype(rows_used)::value>(
-          steps, a, kMr, b, kNr, c, ldc, beta, rows, cols, b_next,
-          [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
-              __attribute__((always_inline)) {
-                const __m512 b_lo = _mm512_load_ps(bs);
-                const __m512 b_hi = _mm512_load_ps(bs + 16);
-#pragma GCC unroll 32
-                for (int i = 0; i < decltype(used)::value; ++i) {
-                  const __m512 ai = _mm512_set1_ps(as[i]);
-                  lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
-                  hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
-                }
-              });
+      run_rows<decltype(rows_used)::value>(steps, a, b, c, ldc, beta, rows, cols, b_next);
     });
+  }
+
+  // One register-tile height, out of line: with every height inlined into one caller
+  // (compute_tile), GCC 12 kept the accumulators on the stack.
+  template <int kRowsUsed>
+  static __attribute__((noinline)) void run_rows(int steps, const Packed* a, const Packed* b,
+                                                 float* c, std::ptrdiff_t ldc, float beta, int rows,
+                                                 int cols, const Packed* b_next) {
+    run_tile<kRowsUsed>(
+        steps, a, kMr, b, kNr, c, ldc, beta, rows, cols, b_next,
+        [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+            __attribute__((always_inline)) {
+              const __m512 b_lo = _mm512_load_ps(bs);
+              const __m512 b_hi = _mm512_load_ps(bs + 16);
+#pragma GCC unroll 32
+              for (int i = 0; i < decltype(used)::value; ++i) {
+                const __m512 ai = _mm512_set1_ps(as[i]);
+                lo[i] = _mm512_fmadd_ps(ai, b_lo, lo[i]);
+                hi[i] = _mm512_fmadd_ps(ai, b_hi, hi[i]);
+              }
+            });
   }
 };
 
@@ -474,6 +524,17 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
     }
   }
 
+  // As Avx512FloatKernel::pack_edge_panel: k-steps that are contiguous bf16 pairs.
+  template <int kPanel>
+  static bool pack_edge_panel(const OperandView<Eigen::bfloat16>& view, const Eigen::bfloat16* base,
+                              int steps, int valid_rows, Packed* dst) {
+    if (view.k_stride != 1) return false;
+    pack_transposed_32bit<kPanel>(reinterpret_cast<const char*>(base),
+                                  view.row_stride * static_cast<std::ptrdiff_t>(sizeof(Packed)),
+                                  steps, reinterpret_cast<char*>(dst), valid_rows);
+    return true;
+  }
+
   // Thin row blocks (decode): op(A) rows read in place, a k-step is the pair of bf16 values
   // at 2s and 2s + 1 (the caller guarantees k is even, so no pair runs past the row).
   static constexpr int kThinRows = 8;
@@ -495,22 +556,31 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
                   float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
-      run_tile<decltype(rows_used)::value>(
-          steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols, b_next,
-          [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
-              __attribute__((always_inline)) {
-                const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));
-                const __m512bh b_hi = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + 32));
-#pragma GCC unroll 32
-                for (int i = 0; i < decltype(used)::value; ++i) {
-                  std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
-                  std::memcpy(&pair, as + 2 * i, sizeof(pair));
-                  const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-                  lo[i] = _mm512_dpbf16_ps(lo[i], ai, b_lo);
-                  hi[i] = _mm512_dpbf16_ps(hi[i], ai, b_hi);
-                }
-              });
+      run_rows<decltype(rows_used)::value>(steps, a, b, c, ldc, beta, rows, cols, b_next);
     });
+  }
+
+  // One register-tile height, out of line: with every height inlined into one caller
+  // (compute_tile), GCC 12 kept the accumulators on the stack.
+  template <int kRowsUsed>
+  static __attribute__((noinline)) void run_rows(int steps, const Packed* a, const Packed* b,
+                                                 float* c, std::ptrdiff_t ldc, float beta, int rows,
+                                                 int cols, const Packed* b_next) {
+    run_tile<kRowsUsed>(
+        steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols, b_next,
+        [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
+            __attribute__((always_inline)) {
+              const __m512bh b_lo = reinterpret_cast<__m512bh>(_mm512_load_si512(bs));
+              const __m512bh b_hi = reinterpret_cast<__m512bh>(_mm512_load_si512(bs + 32));
+#pragma GCC unroll 32
+              for (int i = 0; i < decltype(used)::value; ++i) {
+                std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
+                std::memcpy(&pair, as + 2 * i, sizeof(pair));
+                const __m512bh ai = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+                lo[i] = _mm512_dpbf16_ps(lo[i], ai, b_lo);
+                hi[i] = _mm512_dpbf16_ps(hi[i], ai, b_hi);
+              }
+            });
   }
 };
 
