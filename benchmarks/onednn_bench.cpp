@@ -715,7 +715,8 @@ int main(int argc, char** argv) {
       options.many_experts = options.only_many = true;
     } else if (arg == "--ab_rows") {
       options.ab_rows = true;
-    } else if (arg == "--profile" && has_value) {
+    } else if (arg == "--profile" && has_value &&
+               (std::string(argv[i + 1]) == "switchmoe" || std::string(argv[i + 1]) == "onednn")) {
       options.profile = argv[++i];
     } else if (arg == "--json" && has_value) {
       options.json = argv[++i];
@@ -727,6 +728,14 @@ int main(int argc, char** argv) {
                    argv[0]);
       return 2;
     }
+  }
+  if (!options.profile.empty() &&
+      (!options.json.empty() || options.ab_rows || options.ab_schedule)) {
+    std::fprintf(stderr,
+                 "%s: --profile runs one side only; it records no results for --json "
+                 "and no A/B (--ab_rows, --ab_schedule)\n",
+                 argv[0]);
+    return 2;
   }
   // A hook of the library's tests: forcing a schedule changes the speed, never the results.
   switchmoe::detail::forced_ffn_schedule() =

@@ -123,6 +123,37 @@ TEST(LayerAllocation, DenseFfnSteadyStateAllocatesNothing) {
   check_dense<switchmoe::Bf16>();
 }
 
+// Inference after sync_weights(): the router's packed weight and the experts' compute copies
+// are made by sync_weights() itself, so the decode-sized calls that follow (the router's
+// product then uses its packed weight) allocate nothing; after an edit and another
+// sync_weights() too, with the edited weights in effect.
+TEST(LayerAllocation, EvalAfterSyncWeightsAllocatesNothing) {
+  switchmoe::SwitchConfig config;
+  config.d_model = kDModel;
+  config.d_ff = kDff;
+  config.routing.num_experts = 8;
+  config.routing.dropless = true;
+  config.seed = 4;
+  switchmoe::SwitchLayer<switchmoe::Fp32> layer(config), twin(config);
+  switchmoe::SwitchOutput out;
+  const Matrix<float> x = random_matrix(4, kDModel, 7, 1.0f);  // 4 tokens: the packed router
+  for (int round = 0; round < 2; ++round) {
+    layer.forward(x, Mode::kEval, out);  // warm-up at this token count
+    if (round == 1) {
+      layer.router_weight()(2, 5) += 0.75f;
+      twin.router_weight()(2, 5) += 0.75f;
+    }
+    layer.sync_weights();
+    for (int call = 0; call < 3; ++call) {
+      const switchmoe_test::AllocationCount count =
+          count_allocations([&] { layer.forward(x, Mode::kEval, out); });
+      EXPECT_EQ(count.total(), 0) << "round " << round << ", call " << call;
+    }
+    expect_same(out.routing.logits, twin.forward(x, Mode::kEval).routing.logits, "logits", round);
+    expect_same(out.y, twin.forward(x, Mode::kEval).y, "y", round);
+  }
+}
+
 // The counter itself sees the allocations a layer makes when it must grow: a call with more
 // tokens than ever before allocates.
 TEST(LayerAllocation, GrowingCallIsCounted) {

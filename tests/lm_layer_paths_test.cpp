@@ -21,6 +21,9 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "switchmoe/dispatch/dispatch_plan.hpp"
@@ -152,8 +155,6 @@ TEST(ZLossExp, LogSumExpNearLongDouble) {
   }
 }
 
-// k = 1 on logits with many ties: the first column of the general top-2 (the loop the k = 1
-// path replaces), and the lowest index among the row's maxima.
 // aux = sum over groups, tokens and experts, in that order, of f-weight * p / g: the loss must
 // give these bits whether it divides (any g) or multiplies by the exact 1 / g (power-of-two g).
 // Many small cases, so that a last-bit difference of a term is not lost in a large sum.
@@ -260,6 +261,60 @@ TEST(RouterPackedWeight, RefreshedAfterEveryChange) {
   EXPECT_TRUE(same_bits(a.y, b.y));
 }
 
+// A router's packed weight is a cache that copies do not share: a copy (or a copy-assigned
+// router) gives the original's logits bitwise, and later edits of either, synced, reach only
+// that one. sync_weights() with a resized weight throws naming it and changes nothing.
+TEST(RouterPackedWeight, CopiesAndMovesKeepTheirOwnWeight) {
+  std::mt19937 rng(21);
+  RouterConfig config;
+  config.d_model = 40;
+  config.num_experts = 8;
+  config.jitter_eps = 0.0f;
+  config.seed = 5;
+  const Matrix<float> x = random_matrix(5, 40, rng);  // 5 tokens: the packed product
+  const auto logits = [&](Router<Fp32>& r) {
+    Matrix<float> l;
+    r.forward(x, Mode::kEval, l);
+    return l;
+  };
+  // A reference router whose weight was set before its first forward (no packed copy shared).
+  const auto reference = [&](const Matrix<float>& w) {
+    Router<Fp32> r(config);
+    r.weight() = w;
+    return logits(r);
+  };
+  Router<Fp32> original(config);
+  original.sync_weights();
+  const Matrix<float> before = logits(original);
+  Router<Fp32> copy(original);
+  EXPECT_TRUE(same_bits(logits(copy), before)) << "copy";
+  original.weight()(1, 2) += 1.0f;
+  original.sync_weights();
+  const Router<Fp32>& original_view = original;
+  EXPECT_TRUE(same_bits(logits(original), reference(original_view.weight()))) << "edited";
+  EXPECT_TRUE(same_bits(logits(copy), before)) << "the copy after the original's edit";
+  Router<Fp32> assigned(config);
+  assigned.weight().setZero();
+  assigned.sync_weights();
+  (void)logits(assigned);  // packs the zero weight
+  assigned = original;
+  EXPECT_TRUE(same_bits(logits(assigned), logits(original))) << "copy-assigned";
+  Router<Fp32> moved(std::move(assigned));
+  EXPECT_TRUE(same_bits(logits(moved), logits(original))) << "moved";
+  // A resized weight: sync_weights() names it and leaves the router usable once restored.
+  const Matrix<float> kept = original_view.weight();
+  original.weight().resize(39, 8);
+  try {
+    original.sync_weights();
+    ADD_FAILURE() << "no exception for a resized weight";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("router weight"), std::string::npos) << e.what();
+  }
+  original.weight() = kept;
+  original.sync_weights();
+  EXPECT_TRUE(same_bits(logits(original), reference(kept))) << "after the failed sync";
+}
+
 TEST(ExactBf16Conversion, BitwiseEigensRounding) {
   // Every upper half (sign, exponent, 7 mantissa bits: zeros, denormals, infinities, NaNs) with
   // lower halves at and around the rounding boundary, and random ones.
@@ -314,6 +369,8 @@ TEST(ExactBf16Conversion, GatherOfBf16RowsIsEigensCast) {
   EXPECT_GT(denormal_rows, 0);
 }
 
+// k = 1 on logits with many ties: the first column of the general top-2 (the loop the k = 1
+// path replaces), and the lowest index among the row's maxima.
 TEST(TopOneChoice, FirstOfTheGeneralTopKAndTiesToTheLowerIndex) {
   std::mt19937 rng(9);
   std::uniform_int_distribution<int> level(0, 3);

@@ -140,35 +140,21 @@ struct Avx512Tile {
   // least 10 independent fma chains, enough for the 2 fma pipes at 4 cycles of latency.
   template <class Run>
   static inline void dispatch_rows(int rows, const Run& run) {
-    static_assert(kMr == 14, "dispatch_rows lists the heights 5 .. 14");
     if (rows > 4) {
-      switch (rows) {
-        case 5:
-          return run(std::integral_constant<int, 5>());
-        case 6:
-          return run(std::integral_constant<int, 6>());
-        case 7:
-          return run(std::integral_constant<int, 7>());
-        case 8:
-          return run(std::integral_constant<int, 8>());
-        case 9:
-          return run(std::integral_constant<int, 9>());
-        case 10:
-          return run(std::integral_constant<int, 10>());
-        case 11:
-          return run(std::integral_constant<int, 11>());
-        case 12:
-          return run(std::integral_constant<int, 12>());
-        case 13:
-          return run(std::integral_constant<int, 13>());
-        default:
-          return run(std::integral_constant<int, kMr>());
-      }
+      dispatch_height(rows, run, std::make_integer_sequence<int, kMr - 5>());
     } else if (rows > 2) {
       run(std::integral_constant<int, 4>());
     } else {
       run(std::integral_constant<int, 2>());
     }
+  }
+
+  // run(R) for R = rows when rows is one of the heights 5 + kI (5 .. kMr - 1), else run(kMr).
+  template <class Run, int... kI>
+  static inline void dispatch_height(int rows, const Run& run, std::integer_sequence<int, kI...>) {
+    const bool matched =
+        ((rows == 5 + kI && (run(std::integral_constant<int, 5 + kI>()), true)) || ...);
+    if (!matched) run(std::integral_constant<int, kMr>());
   }
 
   // Zeroes the accumulators of the first kRowsUsed (>= rows) rows, adds `steps` packed k-steps

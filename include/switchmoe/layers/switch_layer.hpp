@@ -201,16 +201,12 @@ class SwitchLayer {
   void forward(const Eigen::Ref<const Matrix<float>>& x, Mode mode, SwitchOutput& out) {
     has_forward_ = false;
     std::exception_ptr error;
-    bool x_shape_checked = false;
     try {
       detail::check_mode(mode);
-      detail::check_shape("x", x, -1, config_.d_model);
-      x_shape_checked = true;
-      if constexpr (!kLogitsShowNonFiniteInput) detail::check_finite("x", x);
+      check_input("x", x);
       check_parameter_shapes();
     } catch (...) {
-      error =
-          x_shape_checked ? non_finite_x_or(x, std::current_exception()) : std::current_exception();
+      error = std::current_exception();
     }
     first_token_ = exchange_.begin_call(x.rows(), mode, error);
     const std::uint64_t jitter_calls = router_.jitter_calls();
@@ -224,9 +220,7 @@ class SwitchLayer {
         detail::round_to_bf16(out.routing.gate);
       }
     } catch (...) {
-      // A non-finite x made every logit of its token non-finite, which the scheme's check of
-      // the logits found: the error names x, as the check before the router would have.
-      error = non_finite_x_or(x, std::current_exception());
+      error = std::current_exception();
       router_.set_jitter_calls(jitter_calls);  // the failed call draws nothing
     }
     exchange_.agree(error);  // e.g. non-finite logits from a non-finite router weight
@@ -358,27 +352,6 @@ class SwitchLayer {
   void check_input(const char* name, const Eigen::Ref<const Matrix<float>>& m) const {
     detail::check_shape(name, m, -1, config_.d_model);
     detail::check_finite(name, m);
-  }
-
-  // Whether the router promises that a non-finite element of x makes its token's logits
-  // non-finite (Router: x .* noise times W, and inf * w, NaN * w and any sum holding one are
-  // never finite). Then forward does not scan x for them before routing: the routing scheme's
-  // check of the logits (a pass over [tokens, experts], not [tokens, d_model]) finds them, and
-  // x is scanned only once something has failed, to name it (non_finite_x_or).
-  static constexpr bool kLogitsShowNonFiniteInput = detail::logits_show_non_finite_input_v<RouterT>;
-
-  /// The error "x(r, c) is nan, expected a finite value" if x has a non-finite element (the
-  /// error a scan before routing would have thrown first), else `error`. x has d_model columns.
-  static std::exception_ptr non_finite_x_or(const Eigen::Ref<const Matrix<float>>& x,
-                                            std::exception_ptr error) {
-    if constexpr (kLogitsShowNonFiniteInput) {
-      try {
-        detail::check_finite("x", x);
-      } catch (...) {
-        return std::current_exception();
-      }
-    }
-    return error;
   }
 
   void check_parameter_shapes() const {

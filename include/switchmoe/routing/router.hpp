@@ -27,18 +27,6 @@ inline void round_to_bf16(Matrix<float>& m) {
     m.data()[i] = static_cast<float>(Eigen::bfloat16(m.data()[i]));
 }
 
-/// Whether RouterT declares `static constexpr bool kLogitsShowNonFiniteInput = true`: every
-/// logit of a token with a non-finite input element is non-finite. A layer may then leave the
-/// finiteness check of its input to the check of the logits (SwitchLayer::forward).
-template <class RouterT, class = void>
-struct logits_show_non_finite_input : std::false_type {};
-template <class RouterT>
-struct logits_show_non_finite_input<RouterT,
-                                    std::void_t<decltype(RouterT::kLogitsShowNonFiniteInput)>>
-    : std::bool_constant<RouterT::kLogitsShowNonFiniteInput> {};
-template <class RouterT>
-inline constexpr bool logits_show_non_finite_input_v = logits_show_non_finite_input<RouterT>::value;
-
 }  // namespace detail
 
 struct RouterConfig {
@@ -65,11 +53,6 @@ class Router {
  public:
   using PolicyType = Policy;
   using IsaType = Isa;
-  // logit(t, e) = sum_j x(t, j) noise(t, j) W(j, e) (+ b(e)): with x(t, j) infinite or NaN, the
-  // term of j is infinite or NaN whatever W(j, e) (inf * 0 is NaN; noise is in [1 - eps,
-  // 1 + eps]), and so is the sum; bfloat16 rounding keeps both (see
-  // detail::logits_show_non_finite_input).
-  static constexpr bool kLogitsShowNonFiniteInput = true;
 
   explicit Router(const RouterConfig& config) : config_(config) {
     if (config.d_model < 1)
@@ -90,20 +73,26 @@ class Router {
   }
 
   const RouterConfig& config() const { return config_; }
-  // A non-const reference to the weight may be written through at any later time, so from then
-  // on forward does not use the packed copy, until sync_weights() (the expert bank's mechanism,
-  // FeedForwardBank::sync_weights).
+  // The logits product of few tokens (or 32+ experts) uses a packed copy of the weight, made on
+  // the first forward that needs it. A non-const reference to the weight may be written through
+  // at any later time, so once one is handed out (weight(), parameters(); a SwitchLayer's
+  // router from its construction on) forward packs W inside every product instead, until
+  // sync_weights() (the expert bank's mechanism, FeedForwardBank::sync_weights).
   Matrix<float>& weight() {  // [d_model, experts]
     weight_exposed_ = true;
     return weight_;
   }
   const Matrix<float>& weight() const { return weight_; }
 
-  /// Marks the packed copy of the weight out of date (rebuilt at the next forward that uses it)
-  /// and promises that references to the weight handed out so far will not be written through
-  /// again: later forwards reuse the copy until the next non-const access.
+  /// Packs the weight now (so that no later forward allocates for it) and promises that
+  /// references to the weight handed out so far will not be written through again: later
+  /// forwards use the packed copy until the next non-const access. Throws, changing nothing,
+  /// when the weight's shape is not [d_model, experts].
   void sync_weights() {
-    weight_stale_ = true;
+    check_parameter_shapes();
+    packed_weight_.b.pack(weight_.data(), config_.num_experts, kernels::Transpose::kNo,
+                          config_.d_model, config_.num_experts);
+    packed_weight_.stale = false;
     weight_exposed_ = false;
   }
   Matrix<float>& bias() { return bias_; }  // [1, experts], empty without bias
@@ -157,18 +146,18 @@ class Router {
                                  tokens, 0.0f});
       logits = logits_t_.transpose();
     } else if (!kBf16 && !weight_exposed_) {
-      // After sync_weights(), the weight as a packed B operand, packed once per change rather
-      // than inside every call's product (a decode call's product is otherwise mostly the
-      // packing of W). While a writable reference is out, the plain product below packs W
-      // itself, as cheaply as a refresh here would. The packed product runs every element
-      // through the same kernel operations in the same k order as the plain one, so the logits
-      // are bitwise those of the plain and narrow forms.
-      if (weight_stale_) {
-        weight_packed_.pack(weight_.data(), e, kernels::Transpose::kNo, config_.d_model, e);
-        weight_stale_ = false;
+      // While no writable reference is out (see weight()), the weight as a packed B operand,
+      // packed once per change rather than inside every call's product (a decode call's product is
+      // otherwise mostly the packing of W). While a writable reference is out, the plain product
+      // below packs W itself, as cheaply as a refresh here would. The packed product runs every
+      // element through the same kernel operations in the same k order as the plain one, so the
+      // logits are bitwise those of the plain and narrow forms.
+      if (packed_weight_.stale) {
+        packed_weight_.b.pack(weight_.data(), e, kernels::Transpose::kNo, config_.d_model, e);
+        packed_weight_.stale = false;
       }
       kernels::gemm<float, Isa>(kernels::PackedGemmProblem<float, Isa>{
-          tokens, input, input_stride, kernels::Transpose::kNo, &weight_packed_, logits.data(), e,
+          tokens, input, input_stride, kernels::Transpose::kNo, &packed_weight_.b, logits.data(), e,
           0.0f});
     } else {
       kernels::gemm<float, Isa>({tokens, e, config_.d_model, input, input_stride,
@@ -304,8 +293,23 @@ class Router {
   Matrix<float> logits_t_;  // [experts, tokens] the transposed logits (narrow_products)
   Matrix<float> grad_weight_t_;  // [experts, d_model] the transposed dW (narrow_products)
   Matrix<float> weight_bf16_;    // [d_model, experts] Bf16RouterAblation only: the rounded weights
-  kernels::PackedB<float, Isa> weight_packed_;  // W packed for the plain-form logits product
-  bool weight_stale_ = true;                    // weight_packed_ out of date
+  // W packed for the plain-form logits product: a cache, which a copy of the router does not
+  // take (PackedB owns its buffer and is move-only); the copy packs its own when it needs one,
+  // so Router stays copyable.
+  struct PackedWeight {
+    kernels::PackedB<float, Isa> b;
+    bool stale = true;  // b out of date
+    PackedWeight() = default;
+    PackedWeight(const PackedWeight&) {}
+    PackedWeight(PackedWeight&&) = default;
+    PackedWeight& operator=(const PackedWeight&) {
+      b = kernels::PackedB<float, Isa>();
+      stale = true;
+      return *this;
+    }
+    PackedWeight& operator=(PackedWeight&&) = default;
+  };
+  PackedWeight packed_weight_;
   bool weight_exposed_ = false;  // a writable reference to weight_ is out: the plain product
   std::uint64_t calls_ = 0;
   bool has_forward_ = false;
