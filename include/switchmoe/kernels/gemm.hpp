@@ -321,9 +321,7 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
             prefetch_rows(cij + height * p.ldc, p.ldc, tiles.height(t + 1), cols);
           }
           Kernel::run(steps, a_pack + t * a_panel, bj, cij, p.ldc, beta, height, cols,
-                      t == 0
-                          ? address_after(bj, b_panel * static_cast<std::ptrdiff_t>(sizeof(Packed)))
-                          : 0);
+                      t == 0 ? bj + b_panel : nullptr);
         }
       }
       if (p0 + kc == p.k) finish(i0 + ic, mc, j0, nc);

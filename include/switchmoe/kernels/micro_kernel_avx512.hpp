@@ -66,13 +66,6 @@ inline __mmask16 first_lanes16(int count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
-// Prefetches the two lines of 128 bytes at `address` (PrefetchAddress, micro_kernel_portable.hpp)
-// into L2.
-inline void prefetch_l2_lines(PrefetchAddress address) {
-  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T1);
-  _mm_prefetch(reinterpret_cast<const char*>(address + 64), _MM_HINT_T1);
-}
-
 // Panel whose k-steps are contiguous 32-bit units in memory (a float, or a bf16 pair):
 // op(A) not transposed, op(B) transposed. Transposes 16 x 16 blocks in registers.
 // dst unit (s * kPanel + r) = unit s of panel row r for the first valid_rows rows, zero for the
@@ -160,13 +153,13 @@ struct Avx512Tile {
   // Zeroes the accumulators of the first kRowsUsed (>= rows) rows, adds `steps` packed k-steps
   // with `step(rows_used, lo, hi, a, b)` (a, b point at
   // the step's A and B values; the A and B pointers advance by a_stride / b_stride packed
-  // elements per step), then stores C = acc + beta * C. When `b_next` is not 0, each step
+  // elements per step), then stores C = acc + beta * C. When `b_next` is not null, each step
   // also prefetches into L2 the matching step of the B micro-panel the caller uses next, so
   // that weights streamed from memory arrive while this tile computes.
   template <int kRowsUsed, class Packed, class Step>
   static inline __attribute__((always_inline)) void run_tile(
       int steps, const Packed* a, int a_stride, const Packed* b, int b_stride, float* c,
-      std::ptrdiff_t ldc, float beta, int rows, int cols, PrefetchAddress b_next, Step step) {
+      std::ptrdiff_t ldc, float beta, int rows, int cols, const Packed* b_next, Step step) {
     prefetch_c(c, ldc, rows);
     __m512 lo[kMr];
     __m512 hi[kMr];
@@ -175,14 +168,14 @@ struct Avx512Tile {
       lo[i] = _mm512_setzero_ps();
       hi[i] = _mm512_setzero_ps();
     }
-    if (b_next != 0) {
-      const std::uintptr_t next_stride = static_cast<std::uintptr_t>(b_stride) * sizeof(Packed);
+    if (b_next != nullptr) {
       for (int s = 0; s < steps; ++s) {
-        prefetch_l2_lines(b_next);
+        _mm_prefetch(reinterpret_cast<const char*>(b_next), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(b_next) + 64, _MM_HINT_T1);
         step(std::integral_constant<int, kRowsUsed>(), lo, hi, a, b);
         a += a_stride;
         b += b_stride;
-        b_next += next_stride;
+        b_next += b_stride;
       }
     } else {
       for (int s = 0; s < steps; ++s) {
@@ -217,13 +210,13 @@ struct Avx512Tile {
   // independent chains (2 * kThin * kPanels) busy when there are few rows, and reads kPanels
   // streams of B at once.
   //
-  // When `b_next` is not 0, each step also prefetches into L2 the same step of the kPanels
+  // When `b_next` is not null, each step also prefetches into L2 the same step of the kPanels
   // panels the caller runs next (b_next, panel_stride apart), as run_tile does for its next
   // micro-panel: the weights streamed from memory then arrive while this tile computes.
   template <int kThin, int kPanels, class Packed, class E, class Broadcast, class Fma>
   static inline __attribute__((always_inline)) void run_thin_tile(
       int steps, const E* const* a_rows, const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
-      float* c, std::ptrdiff_t ldc, float beta, int rows, int cols, PrefetchAddress b_next,
+      float* c, std::ptrdiff_t ldc, float beta, int rows, int cols, const Packed* b_next,
       Broadcast broadcast, Fma fma) {
     __m512 acc[kThin][kPanels][2];
 #pragma GCC unroll 16
@@ -247,13 +240,16 @@ struct Avx512Tile {
         }
       }
     };
-    if (b_next != 0) {
-      const std::uintptr_t step_bytes = static_cast<std::uintptr_t>(b_stride) * sizeof(Packed);
-      const std::uintptr_t panel_bytes = static_cast<std::uintptr_t>(panel_stride) * sizeof(Packed);
+    if (b_next != nullptr) {
       for (int s = 0; s < steps; ++s) {
-        const PrefetchAddress next = b_next + static_cast<std::uintptr_t>(s) * step_bytes;
+        const char* next =
+            reinterpret_cast<const char*>(b_next + static_cast<std::ptrdiff_t>(s) * b_stride);
 #pragma GCC unroll 16
-        for (int g = 0; g < kPanels; ++g) prefetch_l2_lines(next + g * panel_bytes);
+        for (int g = 0; g < kPanels; ++g) {
+          const char* line = next + g * panel_stride * static_cast<std::ptrdiff_t>(sizeof(Packed));
+          _mm_prefetch(line, _MM_HINT_T1);
+          _mm_prefetch(line + 64, _MM_HINT_T1);
+        }
         step(s);
       }
     } else {
@@ -289,21 +285,15 @@ struct Avx512Tile {
       run_thin_tile<kThin, kGroup>(
           steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
           cols - q * kNr,
-          prefetch && kThin >= kThinPrefetchRows
-              ? address_after(
-                    b, (q + kGroup) * panel_stride * static_cast<std::ptrdiff_t>(sizeof(Packed)))
-              : 0,
+          prefetch && kThin >= kThinPrefetchRows ? b + (q + kGroup) * panel_stride : nullptr,
           broadcast, fma);
     }
     for (; q < panels; ++q) {
       run_thin_tile<kThin, 1>(
           steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
           cols - q * kNr,
-          prefetch && kThin >= kThinPrefetchRows
-              ? address_after(b,
-                              (q + 1) * panel_stride * static_cast<std::ptrdiff_t>(sizeof(Packed)))
-              : 0,
-          broadcast, fma);
+          prefetch && kThin >= kThinPrefetchRows ? b + (q + 1) * panel_stride : nullptr, broadcast,
+          fma);
     }
   }
 
@@ -422,7 +412,7 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
-                  float beta, int rows, int cols, PrefetchAddress b_next = 0) {
+                  float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_rows<decltype(rows_used)::value>(steps, a, b, c, ldc, beta, rows, cols, b_next);
     });
@@ -433,7 +423,7 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   template <int kRowsUsed>
   static __attribute__((noinline)) void run_rows(int steps, const Packed* a, const Packed* b,
                                                  float* c, std::ptrdiff_t ldc, float beta, int rows,
-                                                 int cols, PrefetchAddress b_next) {
+                                                 int cols, const Packed* b_next) {
     run_tile<kRowsUsed>(
         steps, a, kMr, b, kNr, c, ldc, beta, rows, cols, b_next,
         [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)
@@ -550,7 +540,7 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   }
 
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
-                  float beta, int rows, int cols, PrefetchAddress b_next = 0) {
+                  float beta, int rows, int cols, const Packed* b_next = nullptr) {
     dispatch_rows(rows, [&](auto rows_used) {
       run_rows<decltype(rows_used)::value>(steps, a, b, c, ldc, beta, rows, cols, b_next);
     });
@@ -561,7 +551,7 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   template <int kRowsUsed>
   static __attribute__((noinline)) void run_rows(int steps, const Packed* a, const Packed* b,
                                                  float* c, std::ptrdiff_t ldc, float beta, int rows,
-                                                 int cols, PrefetchAddress b_next) {
+                                                 int cols, const Packed* b_next) {
     run_tile<kRowsUsed>(
         steps, a, 2 * kMr, b, 2 * kNr, c, ldc, beta, rows, cols, b_next,
         [](auto used, __m512(&lo)[kMr], __m512(&hi)[kMr], const Packed* as, const Packed* bs)

@@ -5,22 +5,12 @@
 
 #include <Eigen/Core>
 #include <cstddef>
-#include <cstdint>
 #include <type_traits>
 
 #include "switchmoe/kernels/isa.hpp"
 #include "switchmoe/kernels/pack.hpp"
 
 namespace switchmoe::kernels::detail {
-
-// The address of the panels a kernel prefetches next, as an integer (0: none). The next panels
-// of the last panel in a buffer lie past its end; prefetching there cannot fault and only
-// costs a useless line fill, but forming that address as a pointer would be out-of-range
-// pointer arithmetic, so it is computed on integers.
-using PrefetchAddress = std::uintptr_t;
-inline PrefetchAddress address_after(const void* p, std::ptrdiff_t bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes);
-}
 
 template <class T>
 inline constexpr bool kIsGemmElement =
@@ -72,7 +62,7 @@ struct MicroKernel<isa::Portable, T> {
   // beta == 0 overwrites C without reading it. `b_next` (the B micro-panel used next) is a
   // prefetch hint that the portable kernel leaves to the hardware.
   static void run(int steps, const Packed* a, const Packed* b, float* c, std::ptrdiff_t ldc,
-                  float beta, int rows, int cols, PrefetchAddress /*b_next*/ = 0) {
+                  float beta, int rows, int cols, const Packed* /*b_next*/ = nullptr) {
     float acc[kMr][kNr] = {};
     for (int s = 0; s < steps; ++s) {
       const float* as = a + s * kMr;
