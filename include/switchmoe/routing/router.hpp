@@ -90,9 +90,7 @@ class Router {
   /// when the weight's shape is not [d_model, experts].
   void sync_weights() {
     check_parameter_shapes();
-    packed_weight_.b.pack(weight_.data(), config_.num_experts, kernels::Transpose::kNo,
-                          config_.d_model, config_.num_experts);
-    packed_weight_.stale = false;
+    pack_weight();
     weight_exposed_ = false;
   }
   Matrix<float>& bias() { return bias_; }  // [1, experts], empty without bias
@@ -146,16 +144,11 @@ class Router {
                                  tokens, 0.0f});
       logits = logits_t_.transpose();
     } else if (!kBf16 && !weight_exposed_) {
-      // While no writable reference is out (see weight()), the weight as a packed B operand,
-      // packed once per change rather than inside every call's product (a decode call's product is
-      // otherwise mostly the packing of W). While a writable reference is out, the plain product
-      // below packs W itself, as cheaply as a refresh here would. The packed product runs every
-      // element through the same kernel operations in the same k order as the plain one, so the
-      // logits are bitwise those of the plain and narrow forms.
-      if (packed_weight_.stale) {
-        packed_weight_.b.pack(weight_.data(), e, kernels::Transpose::kNo, config_.d_model, e);
-        packed_weight_.stale = false;
-      }
+      // While no writable reference is out (see weight()), W packed once per change rather than
+      // inside every call's product (a decode call's product is otherwise mostly the packing of
+      // W). The packed product runs every element through the same kernel operations in the
+      // same k order as the plain one, so the logits are bitwise those of the other forms.
+      if (packed_weight_.stale) pack_weight();
       kernels::gemm<float, Isa>(kernels::PackedGemmProblem<float, Isa>{
           tokens, input, input_stride, kernels::Transpose::kNo, &packed_weight_.b, logits.data(), e,
           0.0f});
@@ -241,6 +234,13 @@ class Router {
   }
 
  private:
+  // packed_weight_ from weight_ (shapes checked by the caller).
+  void pack_weight() {
+    packed_weight_.b.pack(weight_.data(), config_.num_experts, kernels::Transpose::kNo,
+                          config_.d_model, config_.num_experts);
+    packed_weight_.stale = false;
+  }
+
   static constexpr std::uint64_t kInitSubstream = 0;
 
   // [1, experts] with a bias; empty without one.
