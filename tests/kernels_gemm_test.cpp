@@ -449,17 +449,17 @@ TYPED_TEST(GemmPathTest, PackedBEndIsTheEndOfThePackedPanels) {
     packed.pack(b.data(), n, Transpose::kNo, k, n);
     const int panels = (n + Kernel::kNr - 1) / Kernel::kNr;
     const auto panel_size = [&](int kc) {
-      return static_cast<std::ptrdiff_t>((kc + Kernel::kKPack - 1) / Kernel::kKPack) *
-             Kernel::kNr * Kernel::kKPack;
+      return static_cast<std::ptrdiff_t>((kc + Kernel::kKPack - 1) / Kernel::kKPack) * Kernel::kNr *
+             Kernel::kKPack;
     };
     std::ptrdiff_t total = 0;
     for (int p0 = 0; p0 < k; p0 += Kernel::kKc) {
       total += panels * panel_size(std::min(Kernel::kKc, k - p0));
     }
-    EXPECT_EQ(packed.end() - packed.block(0, 0), total) << "k=" << k << " n=" << n;
+    const PackedB<T, Isa>& view = packed;  // the public (const) block()
+    EXPECT_EQ(view.end() - view.block(0, 0), total) << "k=" << k << " n=" << n;
     const int last_p0 = (k - 1) / Kernel::kKc * Kernel::kKc;
-    EXPECT_EQ(packed.block(last_p0, (panels - 1) * Kernel::kNr) + panel_size(k - last_p0),
-              packed.end())
+    EXPECT_EQ(view.block(last_p0, (panels - 1) * Kernel::kNr) + panel_size(k - last_p0), view.end())
         << "k=" << k << " n=" << n;
   }
 }
