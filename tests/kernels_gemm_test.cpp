@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -429,6 +430,37 @@ TYPED_TEST(GemmPathTest, PackedBMatchesPlainGemmBitwise) {
         EXPECT_EQ(0, std::memcmp(plain.c.data(), again.c.data(), plain.c.size() * sizeof(float)));
       }
     }
+  }
+}
+
+// PackedB::end() is the end of the packed panels, the bound up to which the kernels prefetch
+// the panels after the current ones (compute_tile, run_thin_rows): the total of every k block's
+// panels (a last k block of fewer steps has smaller panels), also after a larger earlier pack
+// left more storage; and the last block's last panel ends there.
+TYPED_TEST(GemmPathTest, PackedBEndIsTheEndOfThePackedPanels) {
+  using T = typename TestFixture::T;
+  using Isa = typename TestFixture::Isa;
+  using Kernel = switchmoe::kernels::detail::MicroKernel<Isa, T>;
+  const int shapes[][2] = {{1100, 530}, {33, 45}, {1, 1}, {2 * Kernel::kKc, 64}, {700, 1}};
+  PackedB<T, Isa> packed;  // reused: the first shape leaves the largest storage
+  for (const auto& s : shapes) {
+    const int k = s[0], n = s[1];
+    std::vector<float> b(static_cast<std::size_t>(k) * n, 0.5f);  // [k, n]
+    packed.pack(b.data(), n, Transpose::kNo, k, n);
+    const int panels = (n + Kernel::kNr - 1) / Kernel::kNr;
+    const auto panel_size = [&](int kc) {
+      return static_cast<std::ptrdiff_t>((kc + Kernel::kKPack - 1) / Kernel::kKPack) * Kernel::kNr *
+             Kernel::kKPack;
+    };
+    std::ptrdiff_t total = 0;
+    for (int p0 = 0; p0 < k; p0 += Kernel::kKc) {
+      total += panels * panel_size(std::min(Kernel::kKc, k - p0));
+    }
+    const PackedB<T, Isa>& view = packed;  // the public (const) block()
+    EXPECT_EQ(view.end() - view.block(0, 0), total) << "k=" << k << " n=" << n;
+    const int last_p0 = (k - 1) / Kernel::kKc * Kernel::kKc;
+    EXPECT_EQ(view.block(last_p0, (panels - 1) * Kernel::kNr) + panel_size(k - last_p0), view.end())
+        << "k=" << k << " n=" << n;
   }
 }
 

@@ -276,9 +276,20 @@ RowTiles row_tiles(int rows, bool balanced) {
   return RowTiles{rows, count, rows / count, rows % count};
 }
 
+// A packed B block as compute_tile reads it: the tile's panels, and the end of the buffer that
+// holds them (the panels after the tile's, possibly of the next k block, lie before it). The
+// kernels prefetch the panel after the current one only when it lies wholly before `end`, so
+// no prefetch address is ever formed past the buffer.
+template <class Packed>
+struct PackedBlock {
+  const Packed* panels;
+  const Packed* end;
+};
+
 // One output tile: rows [i0, i0 + rows) and columns [j0, j0 + nc) of C over the whole k range.
 // For each k block (in increasing k), the B block is packed once and reused by every
-// kMc-row block of the tile; `b_panels(p0, kc, j0, nc)` returns that packed B block.
+// kMc-row block of the tile; `b_panels(p0, kc, j0, nc)` returns that packed B block (a
+// PackedBlock).
 // When the last k block of a kMc-row block is done, `finish(i, rows, j0, nc)` runs on that block
 // of C (rows [i, i + rows), columns [j0, j0 + nc)) while it is still in cache.
 template <class Kernel, class T, class BPanels, class Finish>
@@ -295,7 +306,8 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
         static_cast<std::ptrdiff_t>(steps) * Kernel::kMr * Kernel::kKPack;
     const std::ptrdiff_t b_panel =
         static_cast<std::ptrdiff_t>(steps) * Kernel::kNr * Kernel::kKPack;
-    const Packed* b_pack = b_panels(p0, kc, j0, nc);
+    const PackedBlock<Packed> b_block = b_panels(p0, kc, j0, nc);
+    const Packed* b_pack = b_block.panels;
     const float beta = p0 == 0 ? p.beta : 1.0f;  // later k blocks accumulate
     for (int ic = 0; ic < rows; ic += Kernel::kMc) {
       const int mc = std::min(Kernel::kMc, rows - ic);
@@ -310,9 +322,11 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
       }
       // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2. The first
       // row tile of each micro-panel prefetches the next one (contiguous in both packed
-      // layouts), which hides memory latency when thin experts stream their weights.
+      // layouts), which hides memory latency when thin experts stream their weights; not the
+      // last panel of the buffer, whose next panel would lie past its end.
       for (int jr = 0; jr < nc; jr += Kernel::kNr) {
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
+        const Packed* b_next = b_block.end - bj >= 2 * b_panel ? bj + b_panel : nullptr;
         const int cols = std::min(Kernel::kNr, nc - jr);
         for (int t = 0; t < tiles.count; ++t) {
           const int ir = tiles.offset(t), height = tiles.height(t);
@@ -321,7 +335,7 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
             prefetch_rows(cij + height * p.ldc, p.ldc, tiles.height(t + 1), cols);
           }
           Kernel::run(steps, a_pack + t * a_panel, bj, cij, p.ldc, beta, height, cols,
-                      t == 0 ? bj + b_panel : nullptr);
+                      t == 0 ? b_next : nullptr);
         }
       }
       if (p0 + kc == p.k) finish(i0 + ic, mc, j0, nc);
@@ -554,7 +568,11 @@ void gemm_problems(const GemmProblem<T>* problems, std::size_t count) {
         const OperandView<T> b = view_b(problems[index]);
         return [b, scratch](int p0, int kc, int j0, int nc) {
           pack_panels<Kernel, Kernel::kNr>(b, j0, nc, p0, kc, scratch);
-          return static_cast<const Packed*>(scratch);
+          // The scratch holds this block's panels only: what follows them is stale.
+          const std::ptrdiff_t packed =
+              static_cast<std::ptrdiff_t>((nc + Kernel::kNr - 1) / Kernel::kNr) *
+              packed_steps<Kernel>(kc) * Kernel::kNr * Kernel::kKPack;
+          return PackedBlock<Packed>{scratch, scratch + packed};
         };
       },
       NoEpilogue());

@@ -118,12 +118,14 @@ struct Avx512Tile {
   static constexpr int kNr = 32;
 
   // Brings the C tile into L1 while the k loop runs (C rows are ldc apart and were last touched
-  // one k block earlier, so they are usually out of L1).
-  static inline void prefetch_c(const float* c, std::ptrdiff_t ldc, int rows) {
+  // one k block earlier, so they are usually out of L1): per row its first element and the one
+  // 64 bytes on, or its last when it has no more than 16 (an address inside C either way).
+  static inline void prefetch_c(const float* c, std::ptrdiff_t ldc, int rows, int cols) {
+    const int second = std::min(cols, 17) - 1;
     for (int i = 0; i < rows; ++i) {
-      const char* ci = reinterpret_cast<const char*>(c + i * ldc);
-      _mm_prefetch(ci, _MM_HINT_T0);
-      _mm_prefetch(ci + 64, _MM_HINT_T0);
+      const float* ci = c + i * ldc;
+      _mm_prefetch(reinterpret_cast<const char*>(ci), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ci + second), _MM_HINT_T0);
     }
   }
 
@@ -160,7 +162,7 @@ struct Avx512Tile {
   static inline __attribute__((always_inline)) void run_tile(
       int steps, const Packed* a, int a_stride, const Packed* b, int b_stride, float* c,
       std::ptrdiff_t ldc, float beta, int rows, int cols, const Packed* b_next, Step step) {
-    prefetch_c(c, ldc, rows);
+    prefetch_c(c, ldc, rows, cols);
     __m512 lo[kMr];
     __m512 hi[kMr];
 #pragma GCC unroll 32
@@ -187,6 +189,10 @@ struct Avx512Tile {
     store(lo, hi, c, ldc, beta, rows, cols);
   }
 
+  // The address of columns [16, 32) of a C row of `cols` columns; with cols <= 16 (nothing
+  // there: the masks are empty) the row's end, so that no address past C is formed.
+  static inline float* upper_half(float* c, int cols) { return c + std::min(cols, 16); }
+
   // C row [cols] = acc + beta * C row, the store of run_tile for one row (same rounding).
   static inline __attribute__((always_inline)) void store_row(__m512 lo, __m512 hi, float* c,
                                                               float beta, int cols) {
@@ -195,10 +201,10 @@ struct Avx512Tile {
     if (beta != 0.0f) {
       const __m512 vbeta = _mm512_set1_ps(beta);
       lo = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask_lo, c), lo);
-      hi = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask_hi, c + 16), hi);
+      hi = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(mask_hi, upper_half(c, cols)), hi);
     }
     _mm512_mask_storeu_ps(c, mask_lo, lo);
-    _mm512_mask_storeu_ps(c + 16, mask_hi, hi);
+    _mm512_mask_storeu_ps(upper_half(c, cols), mask_hi, hi);
   }
 
   // The thin-row (decode) kernel: kThin rows of op(A), read in place (no packing; row i at
@@ -271,29 +277,35 @@ struct Avx512Tile {
   static constexpr int kThinPrefetchRows = 4;
 
   // Rows [0, rows) (1 <= rows <= 8) of op(A) times `panels` consecutive B panels: groups of
-  // kPanels = 8 / kThin panels (16 accumulators), the last panels one at a time. With
-  // `prefetch`, each group prefetches the panels that follow it in memory (the next group's,
-  // and after the last one the panels the caller reads next in the packed layout).
+  // kPanels = 8 / kThin panels (16 accumulators), the last panels one at a time. With a
+  // `prefetch_end` (the end of the buffer that holds b's panels), each group prefetches the
+  // panels that follow it in memory (the next group's, and after the last one the panels the
+  // caller reads next in the packed layout) when they lie wholly before prefetch_end; nullptr:
+  // no prefetch.
   template <int kThin, class Packed, class E, class Broadcast, class Fma>
   static inline void run_thin_rows(int steps, const E* const* a_rows, const Packed* b,
                                    std::ptrdiff_t panel_stride, int b_stride, int panels, float* c,
                                    std::ptrdiff_t ldc, float beta, int rows, int cols,
-                                   bool prefetch, Broadcast broadcast, Fma fma) {
+                                   const Packed* prefetch_end, Broadcast broadcast, Fma fma) {
     constexpr int kGroup = 8 / kThin;
+    // Whole panels of the current size from b to the buffer end (0: no prefetch).
+    const std::ptrdiff_t room = prefetch_end != nullptr && kThin >= kThinPrefetchRows
+                                    ? (prefetch_end - b) / panel_stride
+                                    : 0;
+    // The `count` panels from panel `first` on, when they lie before the buffer end.
+    const auto next_panels = [&](int first, int count) __attribute__((always_inline)) {
+      return first + count <= room ? b + first * panel_stride : nullptr;
+    };
     int q = 0;
     for (; q + kGroup <= panels; q += kGroup) {
-      run_thin_tile<kThin, kGroup>(
-          steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
-          cols - q * kNr,
-          prefetch && kThin >= kThinPrefetchRows ? b + (q + kGroup) * panel_stride : nullptr,
-          broadcast, fma);
+      run_thin_tile<kThin, kGroup>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
+                                   c + q * kNr, ldc, beta, rows, cols - q * kNr,
+                                   next_panels(q + kGroup, kGroup), broadcast, fma);
     }
     for (; q < panels; ++q) {
-      run_thin_tile<kThin, 1>(
-          steps, a_rows, b + q * panel_stride, panel_stride, b_stride, c + q * kNr, ldc, beta, rows,
-          cols - q * kNr,
-          prefetch && kThin >= kThinPrefetchRows ? b + (q + 1) * panel_stride : nullptr, broadcast,
-          fma);
+      run_thin_tile<kThin, 1>(steps, a_rows, b + q * panel_stride, panel_stride, b_stride,
+                              c + q * kNr, ldc, beta, rows, cols - q * kNr, next_panels(q + 1, 1),
+                              broadcast, fma);
     }
   }
 
@@ -303,21 +315,22 @@ struct Avx512Tile {
   static inline void run_thin_dispatch(int steps, const E* a, std::ptrdiff_t lda, int rows,
                                        const Packed* b, std::ptrdiff_t panel_stride, int b_stride,
                                        int panels, float* c, std::ptrdiff_t ldc, float beta,
-                                       int cols, bool prefetch, Broadcast broadcast, Fma fma) {
+                                       int cols, const Packed* prefetch_end, Broadcast broadcast,
+                                       Fma fma) {
     const E* a_rows[8];
     for (int i = 0; i < 8; ++i) a_rows[i] = a + std::min(i, rows - 1) * lda;
     if (rows > 4) {
       run_thin_rows<8>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       prefetch, broadcast, fma);
+                       prefetch_end, broadcast, fma);
     } else if (rows > 2) {
       run_thin_rows<4>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       prefetch, broadcast, fma);
+                       prefetch_end, broadcast, fma);
     } else if (rows > 1) {
       run_thin_rows<2>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       prefetch, broadcast, fma);
+                       prefetch_end, broadcast, fma);
     } else {
       run_thin_rows<1>(steps, a_rows, b, panel_stride, b_stride, panels, c, ldc, beta, rows, cols,
-                       prefetch, broadcast, fma);
+                       prefetch_end, broadcast, fma);
     }
   }
 
@@ -335,16 +348,17 @@ struct Avx512Tile {
       for (int i = 0; i < rows; ++i) {
         float* ci = c + i * ldc;
         _mm512_mask_storeu_ps(ci, mask_lo, lo[i]);
-        _mm512_mask_storeu_ps(ci + 16, mask_hi, hi[i]);
+        _mm512_mask_storeu_ps(upper_half(ci, cols), mask_hi, hi[i]);
       }
     } else {
       const __m512 vbeta = _mm512_set1_ps(beta);
       for (int i = 0; i < rows; ++i) {
         float* ci = c + i * ldc;
+        float* ci_hi = upper_half(ci, cols);
         const __m512 c_lo = _mm512_maskz_loadu_ps(mask_lo, ci);
-        const __m512 c_hi = _mm512_maskz_loadu_ps(mask_hi, ci + 16);
+        const __m512 c_hi = _mm512_maskz_loadu_ps(mask_hi, ci_hi);
         _mm512_mask_storeu_ps(ci, mask_lo, _mm512_fmadd_ps(vbeta, c_lo, lo[i]));
-        _mm512_mask_storeu_ps(ci + 16, mask_hi, _mm512_fmadd_ps(vbeta, c_hi, hi[i]));
+        _mm512_mask_storeu_ps(ci_hi, mask_hi, _mm512_fmadd_ps(vbeta, c_hi, hi[i]));
       }
     }
   }
@@ -401,9 +415,9 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   static constexpr int kThinRows = 8;
   static void run_thin(int steps, const T* a, std::ptrdiff_t lda, int rows, const Packed* b,
                        std::ptrdiff_t panel_stride, int panels, float* c, std::ptrdiff_t ldc,
-                       float beta, int cols, bool prefetch = false) {
+                       float beta, int cols, const Packed* prefetch_end = nullptr) {
     run_thin_dispatch(
-        steps, a, lda, rows, b, panel_stride, kNr, panels, c, ldc, beta, cols, prefetch,
+        steps, a, lda, rows, b, panel_stride, kNr, panels, c, ldc, beta, cols, prefetch_end,
         [](const T* ai, int s)
             __attribute__((always_inline)) { return _mm512_set1_ps(pack(ai[s])); },
         [](__m512 acc, __m512 ai, const Packed* bs) __attribute__((always_inline)) {
@@ -526,9 +540,10 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   static constexpr int kThinRows = 8;
   static void run_thin(int steps, const Eigen::bfloat16* a, std::ptrdiff_t lda, int rows,
                        const Packed* b, std::ptrdiff_t panel_stride, int panels, float* c,
-                       std::ptrdiff_t ldc, float beta, int cols, bool prefetch = false) {
+                       std::ptrdiff_t ldc, float beta, int cols,
+                       const Packed* prefetch_end = nullptr) {
     run_thin_dispatch(
-        steps, a, lda, rows, b, panel_stride, 2 * kNr, panels, c, ldc, beta, cols, prefetch,
+        steps, a, lda, rows, b, panel_stride, 2 * kNr, panels, c, ldc, beta, cols, prefetch_end,
         [](const Eigen::bfloat16* ai, int s) __attribute__((always_inline)) {
           std::int32_t pair;  // op(A)(i, 2s) and op(A)(i, 2s + 1)
           std::memcpy(&pair, ai + 2 * s, sizeof(pair));

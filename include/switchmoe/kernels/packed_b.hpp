@@ -103,6 +103,13 @@ class PackedB {
   // The packed panels of the k block starting at p0 (a multiple of kKc), from column j0 (a
   // multiple of kNr) on.
   const Packed* block(int p0, int j0) const { return data_ + offset(p0, j0); }
+  // The end of the packed panels (the last k block's last panel ends here): the kernels'
+  // prefetch of the panels that follow the current ones stays before it.
+  const Packed* end() const {
+    return k_ == 0 || n_ == 0
+               ? data_
+               : data_ + offset((k_ - 1) / Kernel::kKc * Kernel::kKc, panels_ * Kernel::kNr);
+  }
 
  private:
   Packed* block(int p0, int j0) { return data_ + offset(p0, j0); }
@@ -285,15 +292,17 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
         // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
         // than being streamed from memory twice. The order of chunks and row groups changes
         // no element's operations (each is within one run_thin call). The first row group
-        // prefetches the panels after its own into L2 (the second finds its chunk there).
+        // prefetches the panels after its own into L2 (the second finds its chunk there), up to
+        // the end of the packed weight.
         for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
           const int panels = std::min(kThinChunkPanels, unit.q1 - q);
           const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
           for (int r0 = 0; r0 < p.m; r0 += Kernel::kThinRows) {
-            Kernel::run_thin(steps, p.a + r0 * p.lda + p0, p.lda,
-                             std::min(Kernel::kThinRows, p.m - r0), b.block(p0, c0), panel_stride,
-                             panels, p.c + r0 * p.ldc + c0, p.ldc, beta, chunk_cols,
-                             r0 == 0 && thin_prefetch().load(std::memory_order_relaxed));
+            Kernel::run_thin(
+                steps, p.a + r0 * p.lda + p0, p.lda, std::min(Kernel::kThinRows, p.m - r0),
+                b.block(p0, c0), panel_stride, panels, p.c + r0 * p.ldc + c0, p.ldc, beta,
+                chunk_cols,
+                r0 == 0 && thin_prefetch().load(std::memory_order_relaxed) ? b.end() : nullptr);
           }
         }
       }
@@ -381,7 +390,9 @@ void run_packed_stages(const PackedGemmProblem<T, Isa>* problems, std::size_t co
       plain.data(), plain.size(), true,
       [packed](int index, Packed*) {
         const PackedB<T, Isa>* b = packed[index].b;
-        return [b](int p0, int, int j0, int) { return b->block(p0, j0); };
+        return [b](int p0, int, int j0, int) {
+          return PackedBlock<Packed>{b->block(p0, j0), b->end()};
+        };
       },
       shifted);
 }
