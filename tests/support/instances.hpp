@@ -1,11 +1,12 @@
 // The layer configurations that most tests use, compiled once in a library (instances_fp32.cpp,
-// instances_bf16.cpp) rather than in every test file that uses them. Each test source is compiled
-// with this header force-included (tests/CMakeLists.txt), so the declarations below stop it from
-// instantiating these classes itself: the kernels, reached through their members, are then
+// instances_bf16.cpp) rather than in every test file that uses them. The test sources of tests/
+// and tests/io/ are compiled with this header force-included (tests/support/CMakeLists.txt;
+// tests/CMakeLists.txt lists those that are not), so the declarations below stop them from
+// instantiating these classes themselves: the kernels, reached through their members, are then
 // compiled once per build instead of once per test file. A layer test's compile time went from
 // 30-45 s to 10-17 s (g++ 12 -O3), and that of all test units from 964 s to 682 s. The tests'
-// own code does not depend on it: without the declarations every file compiles and behaves the
-// same.
+// own code does not depend on it: CI's ThreadSanitizer stage builds without it
+// (SWITCHMOE_TEST_INSTANCES=OFF).
 #pragma once
 
 #include <switchmoe/switchmoe.hpp>

@@ -151,6 +151,12 @@ constexpr int packed_steps(int kc) {
   return (kc + Kernel::kKPack - 1) / Kernel::kKPack;
 }
 
+// Elements of one packed B panel (kNr columns) of a block of kc values of k.
+template <class Kernel>
+constexpr std::ptrdiff_t b_panel_elements(int kc) {
+  return static_cast<std::ptrdiff_t>(packed_steps<Kernel>(kc)) * Kernel::kNr * Kernel::kKPack;
+}
+
 // k-steps per chunk when pack_panels packs panel rows contiguous in memory: 16 source rows of
 // a 140-row block (kMc) are 9 KB (float), so a chunk stays in L1 while all panels take it.
 inline constexpr int kPackChunkSteps = 16;
@@ -278,8 +284,8 @@ RowTiles row_tiles(int rows, bool balanced) {
 
 // A packed B block as compute_tile reads it: the tile's panels, and the end of the buffer that
 // holds them (the panels after the tile's, possibly of the next k block, lie before it). The
-// kernels prefetch the panel after the current one only when it lies wholly before `end`, so
-// no prefetch address is ever formed past the buffer.
+// kernels prefetch the panel after the current one only when a panel of the current size fits
+// before `end`, so no prefetch address is ever formed past the buffer.
 template <class Packed>
 struct PackedBlock {
   const Packed* panels;
@@ -304,8 +310,7 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
     const int steps = packed_steps<Kernel>(kc);
     const std::ptrdiff_t a_panel =
         static_cast<std::ptrdiff_t>(steps) * Kernel::kMr * Kernel::kKPack;
-    const std::ptrdiff_t b_panel =
-        static_cast<std::ptrdiff_t>(steps) * Kernel::kNr * Kernel::kKPack;
+    const std::ptrdiff_t b_panel = b_panel_elements<Kernel>(kc);
     const PackedBlock<Packed> b_block = b_panels(p0, kc, j0, nc);
     const Packed* b_pack = b_block.panels;
     const float beta = p0 == 0 ? p.beta : 1.0f;  // later k blocks accumulate
@@ -322,8 +327,9 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
       }
       // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2. The first
       // row tile of each micro-panel prefetches the next one (contiguous in both packed
-      // layouts), which hides memory latency when thin experts stream their weights; not the
-      // last panel of the buffer, whose next panel would lie past its end.
+      // layouts), which hides memory latency when thin experts stream their weights, but only
+      // when a whole panel of the current size follows before the buffer's end: not after the
+      // buffer's last panel, nor before a last k block shorter than the current one.
       for (int jr = 0; jr < nc; jr += Kernel::kNr) {
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
         const Packed* b_next = b_block.end - bj >= 2 * b_panel ? bj + b_panel : nullptr;
@@ -569,10 +575,8 @@ void gemm_problems(const GemmProblem<T>* problems, std::size_t count) {
         return [b, scratch](int p0, int kc, int j0, int nc) {
           pack_panels<Kernel, Kernel::kNr>(b, j0, nc, p0, kc, scratch);
           // The scratch holds this block's panels only: what follows them is stale.
-          const std::ptrdiff_t packed =
-              static_cast<std::ptrdiff_t>((nc + Kernel::kNr - 1) / Kernel::kNr) *
-              packed_steps<Kernel>(kc) * Kernel::kNr * Kernel::kKPack;
-          return PackedBlock<Packed>{scratch, scratch + packed};
+          const int panels = (nc + Kernel::kNr - 1) / Kernel::kNr;
+          return PackedBlock<Packed>{scratch, scratch + panels * b_panel_elements<Kernel>(kc)};
         };
       },
       NoEpilogue());

@@ -117,14 +117,12 @@ class PackedB {
   std::size_t offset(int p0, int j0) const {
     const int kc = std::min(Kernel::kKc, k_ - p0);
     return static_cast<std::size_t>(p0 / Kernel::kKc) * block_stride() +
-           static_cast<std::size_t>(j0 / Kernel::kNr) * detail::packed_steps<Kernel>(kc) *
-               Kernel::kNr * Kernel::kKPack;
+           static_cast<std::size_t>(j0 / Kernel::kNr * detail::b_panel_elements<Kernel>(kc));
   }
   // Elements of one full k block (all column panels).
   std::size_t block_stride() const { return block_stride(panels_); }
   static std::size_t block_stride(int panels) {
-    return static_cast<std::size_t>(panels) * detail::packed_steps<Kernel>(Kernel::kKc) *
-           Kernel::kNr * Kernel::kKPack;
+    return static_cast<std::size_t>(panels * detail::b_panel_elements<Kernel>(Kernel::kKc));
   }
 
   template <class S>
@@ -285,8 +283,7 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
       for (int p0 = 0; p0 < p.k; p0 += Kernel::kKc) {
         const int kc = std::min(Kernel::kKc, p.k - p0);
         const int steps = packed_steps<Kernel>(kc);
-        const std::ptrdiff_t panel_stride =
-            static_cast<std::ptrdiff_t>(steps) * kNr * Kernel::kKPack;
+        const std::ptrdiff_t panel_stride = b_panel_elements<Kernel>(kc);
         const float beta = p0 == 0 ? p.beta : 1.0f;
         // Chunks of kThinChunkPanels panels, each run for every row group before the next:
         // a chunk's B block (256 KB) stays in L2 for the second row group (9-16 rows) rather
