@@ -29,7 +29,7 @@ struct Range {
 inline std::vector<Range> allowed;
 inline std::atomic<long> seen{0};
 inline std::atomic<long> outside{0};
-inline std::atomic<long> first_outside_distance{0};  // bytes past the nearest buffer
+inline std::atomic<long> first_outside_distance{0};  // bytes from the nearest buffer
 
 inline void record(const void* address) {
   seen.fetch_add(1, std::memory_order_relaxed);
@@ -45,6 +45,7 @@ inline void record(const void* address) {
 
 }  // namespace prefetch_record
 
+#undef _mm_prefetch  // a macro in clang's xmmintrin.h, a function in GCC's
 #define _mm_prefetch(address, hint) ::prefetch_record::record(address)
 #define __builtin_prefetch(address, ...) ::prefetch_record::record(address)
 
@@ -104,7 +105,7 @@ std::vector<T> random_values(std::size_t count, std::mt19937& rng) {
 }
 
 struct Counts {
-  long seen = 0, outside = 0, distance = 0;
+  long seen = 0, outside = 0;
   std::string first_case;
 };
 
