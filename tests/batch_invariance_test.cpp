@@ -25,11 +25,11 @@ using switchmoe_test::SameBits;
 template <class Policy>
 void check_batch_invariance(int experts) {
   switchmoe::SwitchConfig config;
-  // k of both products spans several k blocks of every kernel (fp32 256, bf16 512) with a
-  // partial one, and is even (the bf16 thin kernel takes whole pairs); d_model has a partial
-  // column panel.
+  // k of the second product (d_ff) spans several k blocks of every kernel (fp32 1024, bf16
+  // 2048) with a partial one (kernels_thin_test crosses them in both products' shapes); both k
+  // are even (the bf16 thin kernel takes whole pairs); d_model has a partial column panel.
   config.d_model = 300;
-  config.d_ff = 520;
+  config.d_ff = 2100;
   config.routing.num_experts = experts;
   config.routing.dropless = true;
   config.seed = 5;

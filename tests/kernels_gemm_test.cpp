@@ -147,6 +147,8 @@ class GemmPathTest : public ::testing::Test {
  protected:
   using Isa = typename P::Isa;
   using T = typename P::Element;
+  // The kernel's k block (256 to 2048 by path): shapes below cross it to run several k blocks.
+  static constexpr int kKc = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc;
   void check(int m, int n, int k, Transpose ta, Transpose tb, float beta, int pad) {
     const std::string label = "m=" + std::to_string(m) + " n=" + std::to_string(n) +
                               " k=" + std::to_string(k) +
@@ -213,8 +215,9 @@ TYPED_TEST(GemmPathTest, OddSizesAllTransposesMatchReference) {
 // Sizes crossing the cache blocks (k beyond kKc for both types, m beyond kMc, n beyond kNc), so
 // several k blocks accumulate and several tiles run in parallel.
 TYPED_TEST(GemmPathTest, MultipleCacheBlocksMatchReference) {
-  this->check(19, 45, 600, Transpose::kNo, Transpose::kNo, 1.0f, 1);
-  this->check(23, 37, 1100, Transpose::kYes, Transpose::kYes, 0.0f, 0);
+  const int kc = TestFixture::kKc;
+  this->check(19, 45, kc + 88, Transpose::kNo, Transpose::kNo, 1.0f, 1);
+  this->check(23, 37, 2 * kc + 52, Transpose::kYes, Transpose::kYes, 0.0f, 0);
   this->check(150, 530, 7, Transpose::kNo, Transpose::kYes, 0.0f, 2);
   this->check(143, 40, 33, Transpose::kYes, Transpose::kNo, 1.0f, 0);
 }
@@ -309,7 +312,8 @@ TYPED_TEST(GemmPathTest, BalancedRowTilesBitwiseEqualKmrRowTiles) {
   for (int m : {139, 140, 141, 256}) rows.push_back(m);
   for (int m : rows) {
     for (Transpose ta : kBoth) {
-      const int k = m % 3 == 0 ? 600 : 77;  // several k blocks for a third of the row counts
+      // several k blocks for a third of the row counts
+      const int k = m % 3 == 0 ? TestFixture::kKc + 88 : 77;
       const OwnedProblem<T> before =
           make_problem<T>(m, 70, k, ta, Transpose::kNo, m % 2 ? 1.0f : 0.0f, 1, 500u + m);
       OwnedProblem<T> even = before, kmr = before;
@@ -392,7 +396,8 @@ TEST(GemmArguments, BadArgumentsThrowNamingTheArgument) {
 TYPED_TEST(GemmPathTest, PackedBMatchesPlainGemmBitwise) {
   using T = typename TestFixture::T;
   using Isa = typename TestFixture::Isa;
-  const int shapes[][3] = {{7, 45, 33}, {31, 530, 530}, {1, 1, 1}, {20, 64, 1100}};
+  const int kc = TestFixture::kKc;
+  const int shapes[][3] = {{7, 45, 33}, {31, 530, kc + 18}, {1, 1, 1}, {20, 64, 2 * kc + 52}};
   PackedB<T, Isa> packed;  // reused across shapes
   for (const auto& s : shapes) {
     for (Transpose tb : kBoth) {
@@ -441,7 +446,8 @@ TYPED_TEST(GemmPathTest, PackedBEndIsTheEndOfThePackedPanels) {
   using T = typename TestFixture::T;
   using Isa = typename TestFixture::Isa;
   using Kernel = switchmoe::kernels::detail::MicroKernel<Isa, T>;
-  const int shapes[][2] = {{1100, 530}, {33, 45}, {1, 1}, {2 * Kernel::kKc, 64}, {700, 1}};
+  const int kc = Kernel::kKc;
+  const int shapes[][2] = {{2 * kc + 52, 530}, {33, 45}, {1, 1}, {2 * kc, 64}, {kc + 188, 1}};
   PackedB<T, Isa> packed;  // reused: the first shape leaves the largest storage
   for (const auto& s : shapes) {
     const int k = s[0], n = s[1];
@@ -472,7 +478,8 @@ TYPED_TEST(GemmPathTest, PackedEpilogueVisitsEveryFinishedElementOnce) {
   using Isa = typename TestFixture::Isa;
   const int n = 530;                        // several kNc blocks and a partial kNr panel
   const int rows[] = {300, 0, 15, 1, 143};  // tall, empty, thin tiles
-  const int ks[] = {700, 40, 33, 0, 1100};  // several k blocks; k == 0
+  const int ks[] = {TestFixture::kKc + 188, 40, 33, 0, 2 * TestFixture::kKc + 52};  // several k
+                                                                                    // blocks; 0
   std::vector<OwnedProblem<T>> expected, actual;
   std::vector<PackedB<T, Isa>> packed(std::size(rows));
   for (std::size_t e = 0; e < std::size(rows); ++e) {

@@ -160,9 +160,10 @@ Counts sweep(int threads) {
   prefetch_record::outside = 0;
   Counts counts;
   std::mt19937 rng(7);
-  for (int m : {1, 5, 9, 17, 40, 150}) {     // thin (1-16 rows) and tile paths
-    for (int k : {2, 34, 258, 514, 1030}) {  // short last k blocks (kKc 256)
-      for (int n : {1, 16, 17, 33, 100}) {   // C rows of one or two halves, several panels
+  for (int m : {1, 5, 9, 17, 40, 150}) {  // thin (1-16 rows) and tile paths
+    const int kc = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc;
+    for (int k : {2, 34, kc + 2, 2 * kc + 2, 2 * kc + 6}) {  // short last k blocks
+      for (int n : {1, 16, 17, 33, 100}) {  // C rows of one or two halves, several panels
         for (Transpose t : {Transpose::kNo, Transpose::kYes}) {
           run_case<T, Isa>(m, n, k, t, rng, counts);
         }

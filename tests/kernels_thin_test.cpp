@@ -102,7 +102,8 @@ std::vector<float> run_batch(const std::vector<int>& rows, const std::vector<T>&
 TYPED_TEST(ThinPathTest, BitwiseEqualToTilePathAndIndependentOfThreads) {
   using T = typename TypeParam::Element;
   using Isa = typename TypeParam::IsaType;
-  const int k = 1100, n = 530;  // bf16: k even, so the thin path takes it
+  // bf16: k even, so the thin path takes it
+  const int k = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc + 52, n = 530;
   const std::vector<T> a = random_values<T>(40 * k, 11);
   const std::vector<T> w = random_values<T>(static_cast<std::size_t>(k) * n, 12);
   for (float beta : {0.0f, 1.0f}) {
@@ -153,7 +154,8 @@ TYPED_TEST(ThinPathTest, BitwiseEqualToTilePathAndIndependentOfThreads) {
 TYPED_TEST(ThinPathTest, SmallShapesMatchTilePath) {
   using T = typename TypeParam::Element;
   using Isa = typename TypeParam::IsaType;
-  const int shapes[][2] = {{2, 1}, {2, 31}, {6, 33}, {256, 64}, {512, 96}, {514, 300}};
+  const int kc = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc;
+  const int shapes[][2] = {{2, 1}, {2, 31}, {6, 33}, {256, 64}, {kc, 96}, {kc + 2, 300}};
   for (const auto& s : shapes) {
     const int k = s[0], n = s[1];
     const std::vector<T> a = random_values<T>(20 * k, 21 + k);

@@ -325,11 +325,12 @@ void compute_tile(const GemmProblem<T>& p, int i0, int rows, int j0, int nc,
       } else {
         pack_panels<Kernel, Kernel::kMr>(a, i0 + ic, mc, p0, kc, a_pack);
       }
-      // The B micro-panel (kc x kNr) stays in L1 while the A block streams from L2. The first
-      // row tile of each micro-panel prefetches the next one (contiguous in both packed
-      // layouts), which hides memory latency when thin experts stream their weights, but only
-      // when a whole panel of the current size follows before the buffer's end: not after the
-      // buffer's last panel, nor before a last k block shorter than the current one.
+      // The B micro-panel (kc x kNr) is read by every row tile of the block from L2, as the A
+      // block is. The first row tile of each micro-panel prefetches the next one (contiguous
+      // in both packed layouts), which hides memory latency when thin experts stream their
+      // weights, but only when a whole panel of the current size follows before the buffer's
+      // end: not after the buffer's last panel, nor before a last k block shorter than the
+      // current one.
       for (int jr = 0; jr < nc; jr += Kernel::kNr) {
         const Packed* bj = b_pack + (jr / Kernel::kNr) * b_panel;
         const Packed* b_next = b_block.end - bj >= 2 * b_panel ? bj + b_panel : nullptr;
