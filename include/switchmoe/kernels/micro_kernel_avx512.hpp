@@ -370,13 +370,14 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   using Element = T;
   using Packed = float;
   static constexpr int kKPack = 1;
-  // k block: the A block (kMc x kKc, 560 KB) and a B micro-panel (kKc x kNr, 128 KB) sit in a
-  // 1 MB L2, not in L1. A longer block means fewer passes of the C tile: with kKc 256, a layer's
-  // first product (k = d_model) reloaded C from L3 once per k block, because a packed-weight
-  // tile spans all d_ff columns. Measured on Zen 5 (RESULTS_issue15.md, round 6) against 256:
-  // the 768 x 3072 forward 5-11% faster at 512 and 2048 tokens, 128 experts' training step
-  // 20-30% faster, decode no slower; 128 was 5-8% slower.
-  static constexpr int kKc = 1024;
+  // k block: the A block (kMc x kKc, 280 KB) and a B micro-panel (kKc x kNr, 64 KB) sit in a
+  // 1 MB L2, not in L1. A longer block means fewer passes over the C tile: with kKc 256, a
+  // layer's first product (k = d_model) reloaded C from L3 once per k block, since a
+  // packed-weight tile spans all d_ff columns. Measured on Zen 5 in one process
+  // (benchmarks/kblock_bench.cpp, RESULTS_issue15.md round 6): against 256, the forward of 8
+  // experts (768 x 3072) and of 128 (512 x 2048) 1-6% faster on 2 threads; 1024 was 1-3%
+  // faster again with 8 experts but 5% slower with 128, and 128 was 5-8% slower.
+  static constexpr int kKc = 512;
   static constexpr int kMc = 10 * kMr;
   static constexpr int kNc = 16 * kNr;
 
@@ -509,7 +510,7 @@ struct Avx512DotBf16Kernel : Avx512Tile<14> {
   using Element = Eigen::bfloat16;
   using Packed = std::uint16_t;
   static constexpr int kKPack = 2;
-  static constexpr int kKc = 2048;  // k values: 1024 pair steps, the float kernel's bytes
+  static constexpr int kKc = 1024;  // k values: 512 pair steps, the float kernel's bytes
   static constexpr int kMc = 10 * kMr;
   static constexpr int kNc = 16 * kNr;
 

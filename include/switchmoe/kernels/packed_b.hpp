@@ -286,11 +286,11 @@ void run_thin_problems(const GemmProblem<T>* problems, std::size_t count,
         const std::ptrdiff_t panel_stride = b_panel_elements<Kernel>(kc);
         const float beta = p0 == 0 ? p.beta : 1.0f;
         // Chunks of kThinChunkPanels panels, each run for every row group before the next:
-        // the second row group (9-16 rows) reads a chunk's B block (8 panels of kc k-steps,
-        // up to 1 MB) from L2 or L3 rather than streaming it from memory twice. The order of chunks
-        // and row groups changes no element's operations (each is within one run_thin call). The
-        // first row group prefetches the panels after its own into L2 (the second finds its chunk
-        // there), up to the end of the packed weight.
+        // a chunk's B block (8 panels of kc k-steps, up to 512 KB) stays in L2 for the second
+        // row group (9-16 rows) rather than being streamed from memory twice. The order of
+        // chunks and row groups changes no element's operations (each is within one run_thin
+        // call). The first row group prefetches the panels after its own into L2 (the second
+        // finds its chunk there), up to the end of the packed weight.
         for (int q = unit.q0; q < unit.q1; q += kThinChunkPanels) {
           const int panels = std::min(kThinChunkPanels, unit.q1 - q);
           const int c0 = q * kNr, chunk_cols = std::min(p.n, (q + panels) * kNr) - c0;
