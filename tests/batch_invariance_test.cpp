@@ -25,8 +25,9 @@ using switchmoe_test::SameBits;
 template <class Policy>
 void check_batch_invariance(int experts) {
   switchmoe::SwitchConfig config;
-  // k of the second product (d_ff) spans several k blocks of every kernel (fp32 1024, bf16
-  // 2048) with a partial one (kernels_thin_test crosses them in both products' shapes); both k
+  // k of the second product (d_ff) spans several k blocks of every kernel (256 to 1024 k
+  // values by path) with a partial one; the first product's k (d_model) stays inside one
+  // block (kernels_thin_test and kernels_gemm_test cross blocks at every shape class); both k
   // are even (the bf16 thin kernel takes whole pairs); d_model has a partial column panel.
   config.d_model = 300;
   config.d_ff = 2100;

@@ -147,7 +147,8 @@ class GemmPathTest : public ::testing::Test {
  protected:
   using Isa = typename P::Isa;
   using T = typename P::Element;
-  // The kernel's k block (256 to 2048 by path): shapes below cross it to run several k blocks.
+  // The kernel's k block (256 to 1024 k values by path): shapes below cross it to run several
+  // k blocks.
   static constexpr int kKc = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc;
   void check(int m, int n, int k, Transpose ta, Transpose tb, float beta, int pad) {
     const std::string label = "m=" + std::to_string(m) + " n=" + std::to_string(n) +
@@ -212,7 +213,7 @@ TYPED_TEST(GemmPathTest, OddSizesAllTransposesMatchReference) {
   }
 }
 
-// Sizes crossing the cache blocks (k beyond kKc for both types, m beyond kMc, n beyond kNc), so
+// Sizes crossing the cache blocks (k beyond each path's kKc, m beyond kMc, n beyond kNc), so
 // several k blocks accumulate and several tiles run in parallel.
 TYPED_TEST(GemmPathTest, MultipleCacheBlocksMatchReference) {
   const int kc = TestFixture::kKc;
@@ -270,7 +271,8 @@ TYPED_TEST(GemmPathTest, BitwiseIndependentOfThreadCountAndBatching) {
     const Transpose ta = e % 2 ? Transpose::kYes : Transpose::kNo;
     const Transpose tb = e % 3 ? Transpose::kNo : Transpose::kYes;
     const int n = e == 6 ? 33 : 530;
-    owned.push_back(make_problem<T>(rows[e], n, 300 + e, ta, tb, e % 2 ? 1.0f : 0.0f, 1, e));
+    const int k = TestFixture::kKc + 44 + e;  // two k blocks, the second partial
+    owned.push_back(make_problem<T>(rows[e], n, k, ta, tb, e % 2 ? 1.0f : 0.0f, 1, e));
   }
   auto run = [&](int threads, bool batched) {
     std::vector<OwnedProblem<T>> work = owned;
@@ -478,8 +480,8 @@ TYPED_TEST(GemmPathTest, PackedEpilogueVisitsEveryFinishedElementOnce) {
   using Isa = typename TestFixture::Isa;
   const int n = 530;                        // several kNc blocks and a partial kNr panel
   const int rows[] = {300, 0, 15, 1, 143};  // tall, empty, thin tiles
-  const int ks[] = {TestFixture::kKc + 188, 40, 33, 0, 2 * TestFixture::kKc + 52};  // several k
-                                                                                    // blocks; 0
+  // several k blocks; k == 0
+  const int ks[] = {TestFixture::kKc + 188, 40, 33, 0, 2 * TestFixture::kKc + 52};
   std::vector<OwnedProblem<T>> expected, actual;
   std::vector<PackedB<T, Isa>> packed(std::size(rows));
   for (std::size_t e = 0; e < std::size(rows); ++e) {

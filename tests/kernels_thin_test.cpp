@@ -103,7 +103,7 @@ TYPED_TEST(ThinPathTest, BitwiseEqualToTilePathAndIndependentOfThreads) {
   using T = typename TypeParam::Element;
   using Isa = typename TypeParam::IsaType;
   // bf16: k even, so the thin path takes it
-  const int k = switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc + 52, n = 530;
+  const int k = 2 * switchmoe::kernels::detail::MicroKernel<Isa, T>::kKc + 52, n = 530;
   const std::vector<T> a = random_values<T>(40 * k, 11);
   const std::vector<T> w = random_values<T>(static_cast<std::size_t>(k) * n, 12);
   for (float beta : {0.0f, 1.0f}) {

@@ -371,12 +371,14 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   using Packed = float;
   static constexpr int kKPack = 1;
   // k block: the A block (kMc x kKc, 280 KB) and a B micro-panel (kKc x kNr, 64 KB) sit in a
-  // 1 MB L2, not in L1. A longer block means fewer passes over the C tile: with kKc 256, a
-  // layer's first product (k = d_model) reloaded C from L3 once per k block, since a
+  // 1 MB L2, not in L1 (a plain gemm's packed B block, kNc x kKc, is 1 MB and is read from L2
+  // or L3 one micro-panel at a time). A longer block means fewer passes over the C tile: with kKc
+  // 256, a layer's first product (k = d_model) reloaded C from L3 once per k block, since a
   // packed-weight tile spans all d_ff columns. Measured on Zen 5 in one process
   // (benchmarks/kblock_bench.cpp, RESULTS_issue15.md round 6): against 256, the forward of 8
   // experts (768 x 3072) and of 128 (512 x 2048) 1-6% faster on 2 threads; 1024 was 1-3%
-  // faster again with 8 experts but 5% slower with 128, and 128 was 5-8% slower.
+  // faster again with 8 experts but 5% slower with 128 experts; a 128-step block was 5-8%
+  // slower than 256.
   static constexpr int kKc = 512;
   static constexpr int kMc = 10 * kMr;
   static constexpr int kNc = 16 * kNr;
