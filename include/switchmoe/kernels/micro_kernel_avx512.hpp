@@ -376,7 +376,7 @@ struct Avx512FloatKernel : Avx512Tile<14> {
   // 256, a layer's first product (k = d_model) reloaded C from L3 once per k block, since a
   // packed-weight tile spans all d_ff columns. Measured on Zen 5 in one process
   // (benchmarks/kblock_bench.cpp, RESULTS_issue15.md round 6): against 256, the forward of 8
-  // experts (768 x 3072) and of 128 (512 x 2048) 1-6% faster on 2 threads; 1024 was 1-3%
+  // experts (768 x 3072) and of 128 (512 x 2048) 1-6% faster on 2 threads; 1024 was 0-3%
   // faster again with 8 experts but 5% slower with 128 experts; a 128-step block was 5-8%
   // slower than 256.
   static constexpr int kKc = 512;
