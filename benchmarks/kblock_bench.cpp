@@ -77,12 +77,8 @@ struct Case {
 
 template <class Policy, int kSteps>
 void run_case(const char* precision, const Case& c, int reps) {
-  switchmoe::SwitchConfig config;
-  config.d_model = c.d_model;
-  config.d_ff = c.d_ff;
-  config.routing.num_experts = c.experts;
-  config.routing.dropless = true;
-  config.seed = 7;
+  const switchmoe::SwitchConfig config =
+      switchmoe_bench::dropless_config(c.experts, c.d_model, c.d_ff);
   switchmoe::SwitchLayer<Policy> library(config);
   AltLayer<Policy, kSteps> alternative(config);  // same seed: the same weights
   const Matrix<float> x = random_matrix(c.tokens, c.d_model, 11);

@@ -481,13 +481,8 @@ template <class Policy>
 void run_precision(const char* precision, const MoeShape& shape, bool per_thread,
                    const std::vector<int>& token_counts, const Options& options, ReadProbe& probe,
                    std::vector<Result>& results) {
-  switchmoe::SwitchConfig config;
-  config.d_model = shape.d_model;
-  config.d_ff = shape.d_ff;
-  config.routing.num_experts = shape.experts;
-  config.routing.dropless = true;
-  config.seed = 7;
-  switchmoe::SwitchLayer<Policy> layer(config);
+  switchmoe::SwitchLayer<Policy> layer(
+      switchmoe_bench::dropless_config(shape.experts, shape.d_model, shape.d_ff));
   layer.sync_weights();
   std::vector<const Matrix<float>*> w_in, w_out;
   auto& bank =
@@ -643,13 +638,7 @@ void run_precision(const char* precision, const MoeShape& shape, bool per_thread
 template <class Policy>
 void run_experts_ratio(const char* precision, int reps) {
   auto make = [](int experts) {
-    switchmoe::SwitchConfig config;
-    config.d_model = 512;
-    config.d_ff = 2048;
-    config.routing.num_experts = experts;
-    config.routing.dropless = true;
-    config.seed = 7;
-    return switchmoe::SwitchLayer<Policy>(config);
+    return switchmoe::SwitchLayer<Policy>(switchmoe_bench::dropless_config(experts, 512, 2048));
   };
   switchmoe::SwitchLayer<Policy> few = make(8), many = make(128);
   const Matrix<float> x = random_matrix(2048, 512, 2148);

@@ -1,5 +1,6 @@
 #pragma once
-// What the timed benchmark programs share: a clock, the median of repetitions, random inputs.
+// What the timed benchmark programs share: a clock, the median of repetitions, random inputs,
+// and the configuration of their dropless layers.
 
 #include <algorithm>
 #include <chrono>
@@ -7,6 +8,7 @@
 #include <vector>
 
 #include "switchmoe/core/types.hpp"
+#include "switchmoe/layers/switch_layer.hpp"
 
 namespace switchmoe_bench {
 
@@ -29,6 +31,18 @@ inline switchmoe::Matrix<float> random_matrix(int rows, int cols, unsigned seed)
   switchmoe::Matrix<float> m(rows, cols);
   for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
   return m;
+}
+
+// A top-1 SwitchLayer configuration with nothing dropped (the benchmarks' MoE), seed 7: two
+// layers made from it start with the same weights.
+inline switchmoe::SwitchConfig dropless_config(int experts, int d_model, int d_ff) {
+  switchmoe::SwitchConfig config;
+  config.d_model = d_model;
+  config.d_ff = d_ff;
+  config.routing.num_experts = experts;
+  config.routing.dropless = true;
+  config.seed = 7;
+  return config;
 }
 
 }  // namespace switchmoe_bench
