@@ -280,5 +280,50 @@ void batch_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_expert_batch<float>)->Name("gemm_batch/switchmoe/fp32")->Apply(batch_shapes);
 BENCHMARK(BM_expert_batch<Eigen::bfloat16>)->Name("gemm_batch/switchmoe/bf16")->Apply(batch_shapes);
 
+// The register-tile kernel alone (no packing, no scheduling, one thread): a full kMr x 32 tile
+// over one k block of packed A and B, C += A B, repeated; `panels` B micro-panels are used in
+// turn (1: 64 KB, within L2 with A; 8: 512 KB, still L2 on a 1 MB L2), so the rate is the
+// kernel's own ceiling with its operands in cache. Compare with gemm/ and a layer's forward to
+// see what packing, scheduling and the memory hierarchy cost on top of it.
+template <class T>
+void BM_micro_kernel(benchmark::State& state) {
+  using Kernel = kernels::detail::MicroKernel<kernels::isa::Native, T>;
+  using Packed = typename Kernel::Packed;
+  const int panels = static_cast<int>(state.range(0));
+  const int steps = Kernel::kKc / Kernel::kKPack;  // packed steps of one k block
+  const std::size_t a_size = static_cast<std::size_t>(Kernel::kMr) * steps * Kernel::kKPack;
+  const std::size_t b_size = static_cast<std::size_t>(Kernel::kNr) * steps * Kernel::kKPack;
+  std::vector<Packed, Eigen::aligned_allocator<Packed>> a(a_size), b(b_size * panels);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (Packed& v : a) v = Kernel::pack(static_cast<T>(dist(rng)));
+  for (Packed& v : b) v = Kernel::pack(static_cast<T>(dist(rng)));
+  std::vector<float, Eigen::aligned_allocator<float>> c(
+      static_cast<std::size_t>(Kernel::kMr) * Kernel::kNr, 0.0f);
+  int panel = 0;
+  for (auto _ : state) {
+    Kernel::run(steps, a.data(), b.data() + b_size * panel, c.data(), Kernel::kNr, 1.0f,
+                Kernel::kMr, Kernel::kNr);
+    panel = panel + 1 == panels ? 0 : panel + 1;
+    benchmark::ClobberMemory();
+  }
+  benchmark::DoNotOptimize(c.data());
+  set_counters(state, 2.0 * Kernel::kMr * Kernel::kNr * Kernel::kKc, 1);
+}
+BENCHMARK(BM_micro_kernel<float>)
+    ->Name("micro_kernel/switchmoe/fp32")
+    ->ArgNames({"panels"})
+    ->Arg(1)
+    ->Arg(8)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime();
+BENCHMARK(BM_micro_kernel<Eigen::bfloat16>)
+    ->Name("micro_kernel/switchmoe/bf16")
+    ->ArgNames({"panels"})
+    ->Arg(1)
+    ->Arg(8)
+    ->UseRealTime()
+    ->MeasureProcessCPUTime();
+
 }  // namespace
 }  // namespace switchmoe_bench

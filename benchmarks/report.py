@@ -366,12 +366,15 @@ def plot_gnuplot(gemm_chart, layer_chart, out):
         data = out + "_layer.dat"
         blocks = defaultdict(list)
         for key, switch, flops, params in layer_chart:
-            blocks[key[:6]].append((key[6], switch, flops, params or 0))
+            blocks[key[:6]].append((key[6], switch, flops, params))
         with open(data, "w") as f:
             for key in sorted(blocks):
                 f.write("# %s\n" % (key,))
-                for p in sorted(blocks[key]):
-                    f.write("%d %g %g %g\n" % p)
+                for experts, *rates in sorted(blocks[key], key=lambda p: p[0]):
+                    # A file holding only some series (e.g. only the Switch layer): gnuplot
+                    # skips NaN points.
+                    f.write("%d %s\n" % (experts, " ".join(
+                        "NaN" if r is None else "%g" % r for r in rates)))
                 f.write("\n\n")
         keys = sorted(blocks)
         cols = min(4, len(keys))
