@@ -14,6 +14,9 @@
 #include <omp.h>
 
 #include <Eigen/Core>
+#include <cstdlib>
+#include <memory>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -280,11 +283,12 @@ void batch_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_expert_batch<float>)->Name("gemm_batch/switchmoe/fp32")->Apply(batch_shapes);
 BENCHMARK(BM_expert_batch<Eigen::bfloat16>)->Name("gemm_batch/switchmoe/bf16")->Apply(batch_shapes);
 
-// The register-tile kernel alone (no packing, no scheduling, one thread): a full kMr x 32 tile
-// over one k block of packed A and B, C += A B, repeated; `panels` B micro-panels are used in
-// turn (1: 64 KB, within L2 with A; 8: 512 KB, still L2 on a 1 MB L2), so the rate is the
-// kernel's own ceiling with its operands in cache. Compare with gemm/ and a layer's forward to
-// see what packing, scheduling and the memory hierarchy cost on top of it.
+// The register-tile kernel alone (no packing, no scheduling, no prefetch hint, one thread): a
+// full kMr x kNr tile over one k block of packed A and B, C += A B, repeated; `panels` B
+// micro-panels are used in turn (on AVX-512 a micro-panel is 64 KB, so with A both settings,
+// 1 and 8 panels, are read from L2, not L1, on a 1 MB L2). The rate is the kernel's own ceiling
+// with its operands in cache. Compare with gemm/ and a layer's forward to see what packing,
+// scheduling and the memory hierarchy cost on top of it.
 template <class T>
 void BM_micro_kernel(benchmark::State& state) {
   using Kernel = kernels::detail::MicroKernel<kernels::isa::Native, T>;
@@ -293,17 +297,26 @@ void BM_micro_kernel(benchmark::State& state) {
   const int steps = Kernel::kKc / Kernel::kKPack;  // packed steps of one k block
   const std::size_t a_size = static_cast<std::size_t>(Kernel::kMr) * steps * Kernel::kKPack;
   const std::size_t b_size = static_cast<std::size_t>(Kernel::kNr) * steps * Kernel::kKPack;
-  std::vector<Packed, Eigen::aligned_allocator<Packed>> a(a_size), b(b_size * panels);
+  // 64-byte aligned, as the library's packed buffers are (the AVX-512 kernels load aligned).
+  const auto aligned = [](std::size_t count) {
+    const std::size_t bytes = (count * sizeof(Packed) + 63) / 64 * 64;
+    Packed* p = static_cast<Packed*>(std::aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+    return std::unique_ptr<Packed, decltype(&std::free)>(p, &std::free);
+  };
+  const auto a_buffer = aligned(a_size), b_buffer = aligned(b_size * panels);
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (Packed& v : a) v = Kernel::pack(static_cast<T>(dist(rng)));
-  for (Packed& v : b) v = Kernel::pack(static_cast<T>(dist(rng)));
+  Packed* const a = a_buffer.get();
+  Packed* const b = b_buffer.get();
+  for (std::size_t i = 0; i < a_size; ++i) a[i] = Kernel::pack(static_cast<T>(dist(rng)));
+  for (std::size_t i = 0; i < b_size * panels; ++i) b[i] = Kernel::pack(static_cast<T>(dist(rng)));
   std::vector<float, Eigen::aligned_allocator<float>> c(
       static_cast<std::size_t>(Kernel::kMr) * Kernel::kNr, 0.0f);
   int panel = 0;
   for (auto _ : state) {
-    Kernel::run(steps, a.data(), b.data() + b_size * panel, c.data(), Kernel::kNr, 1.0f,
-                Kernel::kMr, Kernel::kNr);
+    Kernel::run(steps, a, b + b_size * panel, c.data(), Kernel::kNr, 1.0f, Kernel::kMr,
+                Kernel::kNr);
     panel = panel + 1 == panels ? 0 : panel + 1;
     benchmark::ClobberMemory();
   }
