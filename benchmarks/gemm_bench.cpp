@@ -14,14 +14,12 @@
 #include <omp.h>
 
 #include <Eigen/Core>
-#include <cstdlib>
-#include <memory>
-#include <new>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "peak.hpp"
+#include "switchmoe/core/buffer.hpp"
 #include "switchmoe/kernels/gemm.hpp"
 #include "switchmoe/kernels/packed_b.hpp"
 
@@ -297,18 +295,14 @@ void BM_micro_kernel(benchmark::State& state) {
   const int steps = Kernel::kKc / Kernel::kKPack;  // packed steps of one k block
   const std::size_t a_size = static_cast<std::size_t>(Kernel::kMr) * steps * Kernel::kKPack;
   const std::size_t b_size = static_cast<std::size_t>(Kernel::kNr) * steps * Kernel::kKPack;
-  // 64-byte aligned, as the library's packed buffers are (the AVX-512 kernels load aligned).
-  const auto aligned = [](std::size_t count) {
-    const std::size_t bytes = (count * sizeof(Packed) + 63) / 64 * 64;
-    Packed* p = static_cast<Packed*>(std::aligned_alloc(64, bytes));
-    if (p == nullptr) throw std::bad_alloc();
-    return std::unique_ptr<Packed, decltype(&std::free)>(p, &std::free);
-  };
-  const auto a_buffer = aligned(a_size), b_buffer = aligned(b_size * panels);
+  // 64-byte aligned storage, as the library's packed buffers (the AVX-512 kernels load aligned).
+  switchmoe::detail::RowBuffer<Packed> a_buffer, b_buffer;
+  a_buffer.reserve(static_cast<Eigen::Index>(a_size));
+  b_buffer.reserve(static_cast<Eigen::Index>(b_size * panels));
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  Packed* const a = a_buffer.get();
-  Packed* const b = b_buffer.get();
+  Packed* const a = a_buffer.data();
+  Packed* const b = b_buffer.data();
   for (std::size_t i = 0; i < a_size; ++i) a[i] = Kernel::pack(static_cast<T>(dist(rng)));
   for (std::size_t i = 0; i < b_size * panels; ++i) b[i] = Kernel::pack(static_cast<T>(dist(rng)));
   std::vector<float, Eigen::aligned_allocator<float>> c(
